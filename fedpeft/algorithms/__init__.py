@@ -1,0 +1,125 @@
+"""Server-side FL algorithms behind one small object, so the engines never branch on the algorithm.
+
+The arithmetic lives in pure functions (``fedavg``, ``fedprox``, ``fedopt``), shared by the embedded
+and the Flower engine. ``ServerAlgorithm`` adds only what a run needs around them: the server
+optimiser's state between rounds (FedOpt), the client's extra loss term (FedProx), and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedpeft.algorithms.fedavg import State, fedavg, weighted_average
+from fedpeft.algorithms.fedopt import (
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_ETA,
+    DEFAULT_TAU,
+    FEDOPT_KINDS,
+    check_fedopt_hparams,
+    fedopt_step,
+)
+from fedpeft.algorithms.fedprox import proximal_term
+
+ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", *FEDOPT_KINDS)
+
+
+class ServerAlgorithm:
+    """One per run: FedAvg aggregation, optionally followed by a FedOpt server step (fedadam,
+    fedyogi, fedadagrad) or paired with a FedProx client term. Build it with ``make_algorithm``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        mu: float = 0.01,
+        eta: float = DEFAULT_ETA,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        tau: float = DEFAULT_TAU,
+    ) -> None:
+        if name not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
+        if name == "fedprox" and mu < 0:
+            raise ValueError(f"FedProx mu must be >= 0, got {mu}")
+        if name in FEDOPT_KINDS:
+            check_fedopt_hparams(name, eta, beta1, beta2, tau)
+        self.name = name
+        self.mu = mu
+        self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
+        self._opt_state: dict = {}
+
+    def aggregate(
+        self, global_state: State, client_states: list[State], num_samples: list[int]
+    ) -> State:
+        """The next global state from this round's client states (only the exchanged tensors)."""
+        averaged = fedavg(global_state, client_states, num_samples)
+        if self.name not in FEDOPT_KINDS:
+            return averaged
+        new_global, self._opt_state = fedopt_step(
+            global_state,
+            averaged,
+            self._opt_state,
+            self.name,
+            eta=self.eta,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            tau=self.tau,
+        )
+        return new_global
+
+    def client_loss(
+        self, params: Mapping[str, torch.Tensor], global_state: State
+    ) -> torch.Tensor | None:
+        """The extra term a client adds to its local loss: FedProx's proximal term, else None."""
+        if self.name != "fedprox":
+            return None
+        return proximal_term(params, global_state, self.mu)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep to resume identically: the server optimiser's m and v."""
+        return {"name": self.name, "opt_state": self._opt_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint written by ``state_dict`` of the same algorithm."""
+        if state.get("name") != self.name:
+            raise ValueError(f"checkpoint is for {state.get('name')!r}, not {self.name!r}")
+        opt_state = state.get("opt_state", {})
+        self._opt_state = {part: dict(tensors) for part, tensors in opt_state.items()}
+
+    def __repr__(self) -> str:
+        if self.name == "fedprox":
+            return f"ServerAlgorithm('fedprox', mu={self.mu})"
+        if self.name in FEDOPT_KINDS:
+            return (
+                f"ServerAlgorithm({self.name!r}, eta={self.eta}, beta1={self.beta1}, "
+                f"beta2={self.beta2}, tau={self.tau})"
+            )
+        return f"ServerAlgorithm({self.name!r})"
+
+
+def make_algorithm(
+    name: str,
+    *,
+    mu: float = 0.01,
+    eta: float = DEFAULT_ETA,
+    beta1: float = DEFAULT_BETA1,
+    beta2: float = DEFAULT_BETA2,
+    tau: float = DEFAULT_TAU,
+) -> ServerAlgorithm:
+    """Build the server algorithm named in the run config (one of ``ALGORITHMS``)."""
+    return ServerAlgorithm(name, mu=mu, eta=eta, beta1=beta1, beta2=beta2, tau=tau)
+
+
+__all__ = [
+    "ALGORITHMS",
+    "ServerAlgorithm",
+    "State",
+    "fedavg",
+    "fedopt_step",
+    "make_algorithm",
+    "proximal_term",
+    "weighted_average",
+]

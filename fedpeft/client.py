@@ -1,0 +1,187 @@
+"""Local training and evaluation on one client's rows: the same code for every engine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpeft.data.tokenize import TokenizedData
+from fedpeft.peft.base import trainable_parameters
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a client trains: plain values taken from the run config."""
+
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    warmup_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+
+    def num_steps(self, num_samples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_epoch = math.ceil(num_samples / self.batch_size)
+        return max(1, math.ceil(self.epochs * per_epoch))
+
+
+@dataclass
+class LocalResult:
+    num_samples: int
+    steps: int
+    mean_loss: float
+    samples_seen: int
+    tokens_seen: int
+
+    @property
+    def mean_seq_len(self) -> float:
+        return self.tokens_seen / max(1, self.samples_seen)
+
+
+ExtraLoss = Callable[[Mapping[str, nn.Parameter]], torch.Tensor | None]
+AfterBackward = Callable[[nn.Module], None]
+
+
+def _optimizer(params: list[nn.Parameter], training: LocalTraining) -> torch.optim.Optimizer:
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+
+
+def _warmup_then_decay(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = int(round(total * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def batch_order(
+    indices: np.ndarray, batch_size: int, steps: int, generator: torch.Generator
+) -> list[np.ndarray]:
+    """The row indices of each local step: reshuffled every epoch, cut to ``steps`` batches."""
+    batches: list[np.ndarray] = []
+    while len(batches) < steps:
+        order = indices[torch.randperm(len(indices), generator=generator).numpy()]
+        for start in range(0, len(order), batch_size):
+            batches.append(order[start : start + batch_size])
+            if len(batches) == steps:
+                break
+    return batches
+
+
+def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits
+
+
+def train_local(
+    model: nn.Module,
+    data: TokenizedData,
+    indices: np.ndarray,
+    training: LocalTraining,
+    *,
+    seed: int,
+    extra_loss: ExtraLoss | None = None,
+    after_backward: AfterBackward | None = None,
+) -> LocalResult:
+    """Train the model's trainable parameters in place on ``data[indices]``.
+
+    ``seed`` fixes the batch order and dropout, so a client's work in a round is reproducible
+    (resumed runs match uninterrupted ones). ``extra_loss`` adds a term such as FedProx's proximal
+    penalty; ``after_backward`` may edit gradients (sparse updates) before the optimiser step.
+    """
+    if len(indices) == 0:
+        raise ValueError("client has no training rows")
+    params = trainable_parameters(model)
+    steps = training.num_steps(len(indices))
+    optimizer = _optimizer(list(params.values()), training)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_then_decay(steps, training.warmup_ratio)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.train()
+    total_loss, seen, tokens = 0.0, 0, 0
+    for rows in batch_order(indices, training.batch_size, steps, generator):
+        batch = data.batch(rows)
+        logits = forward_logits(model, batch)
+        loss = F.cross_entropy(logits, batch["labels"])
+        total_loss += loss.item() * len(rows)
+        extra = extra_loss(params) if extra_loss is not None else None
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        if after_backward is not None:
+            after_backward(model)
+        if training.grad_clip is not None:
+            nn.utils.clip_grad_norm_(list(params.values()), training.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += len(rows)
+        tokens += batch["input_ids"].numel()
+    model.eval()
+    return LocalResult(len(indices), steps, total_loss / seen, seen, tokens)
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    macro_f1: float
+    loss: float
+    num_samples: int
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Unweighted mean F1 over the classes present in labels or predictions."""
+    scores = []
+    for c in np.union1d(labels, preds):
+        tp = np.sum((preds == c) & (labels == c))
+        fp = np.sum((preds == c) & (labels != c))
+        fn = np.sum((preds != c) & (labels == c))
+        denom = 2 * tp + fp + fn
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: TokenizedData, indices: np.ndarray, batch_size: int = 128
+) -> Evaluation:
+    """Accuracy, macro-F1 and mean loss; rows are batched by length so padding stays small."""
+    model.eval()
+    indices = np.asarray(indices)
+    order = indices[np.argsort(data.lengths[indices].numpy(), kind="stable")]
+    preds, labels, loss_sum = [], [], 0.0
+    for start in range(0, len(order), batch_size):
+        batch = data.batch(order[start : start + batch_size])
+        logits = forward_logits(model, batch)
+        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        preds.append(logits.argmax(dim=-1).numpy())
+        labels.append(batch["labels"].numpy())
+    if not preds:
+        return Evaluation(0.0, 0.0, 0.0, 0)
+    y_pred, y_true = np.concatenate(preds), np.concatenate(labels)
+    return Evaluation(
+        accuracy=float(np.mean(y_pred == y_true)),
+        macro_f1=macro_f1(y_true, y_pred),
+        loss=loss_sum / len(y_true),
+        num_samples=len(y_true),
+    )

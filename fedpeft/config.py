@@ -1,0 +1,200 @@
+"""The run configuration: typed, validated once, then handed out as plain objects.
+
+A run is described by one YAML file plus ``--set key=value`` overrides. This module is the only
+place that reads configuration; everything downstream takes the validated ``RunConfig`` fields.
+Errors are one line that names the offending key (``ConfigError``), never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedpeft.algorithms import ALGORITHMS
+from fedpeft.peft.adapter import AdapterSettings
+from fedpeft.peft.bitfit import BitfitSettings
+from fedpeft.peft.full import FullSettings
+from fedpeft.peft.lora import LoraSettings
+from fedpeft.peft.prefix import PrefixSettings
+from fedpeft.peft.prompt import PromptSettings
+
+
+class ConfigError(ValueError):
+    """A configuration problem, said in one line that names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FedProxSettings(_Strict):
+    mu: float = Field(0.01, ge=0, description="weight of the proximal term mu/2 ||w - w_global||^2")
+
+
+class FedOptSettings(_Strict):
+    """Server optimiser of FedAdam / FedYogi / FedAdagrad (Reddi et al., 2021)."""
+
+    eta: float = Field(1e-2, gt=0, description="server learning rate")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="adaptivity / numerical floor")
+
+
+class CostSettings(_Strict):
+    """Simulated devices and networks; profiles are assigned to clients by seeded draw."""
+
+    devices: list[str] = Field(default_factory=lambda: ["jetson_tx2", "raspberry_pi4", "phone", "laptop"])
+    device_weights: list[float] | None = None
+    networks: list[str] = Field(default_factory=lambda: ["wifi", "lte", "reference_1mbps"])
+    network_weights: list[float] | None = None
+
+
+class RunConfig(_Strict):
+    """Everything one federated run needs. Top-level names are stable for scripts."""
+
+    name: str | None = Field(None, description="run name (default: dataset-method-partition)")
+    model: str = Field("minilm", description="minilm | tiny | local HF folder | hub id")
+    dataset: str = Field("ag_news", description="shared-data name | folder | .jsonl/.csv | hub:<name>")
+    method: Literal["lora", "adapter", "prefix", "prompt", "bitfit", "full"] = "lora"
+    algorithm: str = Field("fedavg", description="|".join(ALGORITHMS))
+    engine: Literal["embedded"] = "embedded"
+
+    num_clients: int = Field(100, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    rounds: int = Field(100, ge=1)
+    local_epochs: float = Field(1.0, gt=0, description="local passes over the client's data")
+    local_steps: int | None = Field(None, ge=1, description="fixed local steps (overrides epochs)")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="linear warm-up share of local steps, then linear decay")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
+    max_seq_len: int = Field(128, ge=8, le=512)
+    pooling: Literal["mean", "cls"] = "mean"
+
+    partition: Literal["iid", "dirichlet", "quantity", "natural"] = "dirichlet"
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration (dirichlet and quantity skew)")
+    partition_field: str = Field("lang", description="row field that defines natural clients")
+    seed: int = 0
+    max_train_samples: int | None = Field(None, ge=1)
+    max_test_samples: int | None = Field(None, ge=1)
+    validation_size: int = Field(
+        0, ge=0, description="server-held validation rows (from the validation split, else held out of train)"
+    )
+    eval_every: int = Field(1, ge=1)
+    personalized_eval: bool = Field(False, description="also score each client's local test split at the end")
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    prefix: PrefixSettings = Field(default_factory=PrefixSettings)
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
+    bitfit: BitfitSettings = Field(default_factory=BitfitSettings)
+    full: FullSettings = Field(default_factory=FullSettings)
+    fedprox: FedProxSettings = Field(default_factory=FedProxSettings)
+    fedopt: FedOptSettings = Field(default_factory=FedOptSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: unknown '{self.algorithm}' (choose from {', '.join(ALGORITHMS)})")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round: {self.clients_per_round} is more than num_clients ({self.num_clients})"
+            )
+        return self
+
+    def method_settings(self) -> BaseModel:
+        return getattr(self, self.method)
+
+    def run_name(self) -> str:
+        dataset = Path(self.dataset).name or self.dataset
+        return self.name or f"{dataset}-{self.method}-{self.partition}"
+
+
+def _error_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{where}'"
+    message = first["msg"].removeprefix("Value error, ")
+    if not where:
+        return message
+    return f"{where}: {message} (got {first.get('input')!r})"
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "lora.r=16"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    data: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML") from err
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    merged = _merge(data, parse_overrides(overrides or []))
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_error_line(err)) from err
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or only defaults when ``path`` is None), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return build_config(data, overrides)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

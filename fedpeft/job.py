@@ -1,0 +1,148 @@
+"""Turn a validated ``RunConfig`` into the plain objects a run needs (the edge of the system).
+
+Engines receive a ``Job``; nothing below this module reads configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft import cost, peft
+from fedpeft.algorithms import make_algorithm
+from fedpeft.client import LocalTraining
+from fedpeft.config import RunConfig
+from fedpeft.data.partition import Partition, make_partition
+from fedpeft.data.sources import DataSplits, TextDataset, load_source, subsample
+from fedpeft.data.tokenize import TokenizedData, tokenize
+from fedpeft.methods import FederatedMethod, FedPETuning
+from fedpeft.models import load_model
+
+
+@dataclass
+class Job:
+    config: RunConfig
+    model: nn.Module
+    train: TokenizedData
+    test: TokenizedData
+    validation: TokenizedData | None
+    label_names: list[str]
+    partition: Partition
+    method: FederatedMethod
+    training: LocalTraining
+    profiles: list[tuple[cost.DeviceProfile, cost.NetworkProfile]]
+    dims: cost.ModelDims
+    num_layers: int
+    extra_kv: int  # prefix tokens every attention layer also attends to (cost model)
+    extra_tokens: int  # soft prompt tokens added to every sequence (cost model)
+
+
+def load_data(config: RunConfig) -> tuple[DataSplits, TextDataset, TextDataset, TextDataset | None]:
+    """Read the dataset and take the seeded subsets: (splits, train, test, validation)."""
+    splits = load_source(config.dataset)
+    train = subsample(splits.train, config.max_train_samples, config.seed)
+    test = subsample(splits.test, config.max_test_samples, config.seed)
+    validation = None
+    if config.validation_size:
+        if splits.validation is not None:
+            validation = subsample(splits.validation, config.validation_size, config.seed)
+        else:
+            if config.validation_size >= len(train):
+                raise ValueError(
+                    f"validation_size {config.validation_size} leaves no training rows ({len(train)})"
+                )
+            order = np.random.default_rng([config.seed, 7]).permutation(len(train))
+            validation = train.subset(np.sort(order[: config.validation_size]))
+            train = train.subset(np.sort(order[config.validation_size :]))
+    return splits, train, test, validation
+
+
+def training_settings(config: RunConfig) -> LocalTraining:
+    return LocalTraining(
+        epochs=config.local_epochs,
+        steps=config.local_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        optimizer=config.optimizer,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        warmup_ratio=config.warmup_ratio,
+        grad_clip=config.grad_clip,
+    )
+
+
+def build_method(config: RunConfig) -> FederatedMethod:
+    algorithm = make_algorithm(
+        config.algorithm,
+        mu=config.fedprox.mu,
+        eta=config.fedopt.eta,
+        beta1=config.fedopt.beta1,
+        beta2=config.fedopt.beta2,
+        tau=config.fedopt.tau,
+    )
+    return FedPETuning(algorithm)
+
+
+def build_model(config: RunConfig, num_labels: int) -> tuple[nn.Module, object]:
+    """The backbone with the task head and the configured PEFT method injected."""
+    model, tokenizer = load_model(config.model, num_labels, pooling=config.pooling, seed=config.seed)
+    unit = peft.METHODS[config.method]
+    model = unit.inject(model, config.method_settings())
+    model.eval()
+    return model, tokenizer
+
+
+def build_job(config: RunConfig) -> Job:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    splits, train_rows, test_rows, val_rows = load_data(config)
+    num_labels = len(splits.train.label_names)
+    groups = None
+    if config.partition == "natural":
+        groups = (train_rows.field(config.partition_field), test_rows.field(config.partition_field))
+    partition = make_partition(
+        train_rows.labels,
+        test_rows.labels,
+        config.num_clients,
+        config.partition,
+        alpha=config.alpha,
+        seed=config.seed,
+        train_groups=groups[0] if groups else None,
+        test_groups=groups[1] if groups else None,
+    )
+    model, tokenizer = build_model(config, num_labels)
+
+    def tok(rows: TextDataset, split: str) -> TokenizedData:
+        key = f"{splits.fingerprint}:{split}:{len(rows)}:{config.seed}:{config.max_train_samples}:{config.max_test_samples}:{config.validation_size}"
+        return tokenize(rows, tokenizer, config.max_seq_len, cache_key=key)
+
+    hf_config = model.config if hasattr(model, "config") else None
+    num_layers = len(peft.base.encoder_layers(model))
+    extra_kv = config.prefix.num_virtual_tokens if config.method == "prefix" else 0
+    extra_tokens = config.prompt.num_virtual_tokens if config.method == "prompt" else 0
+    return Job(
+        config=config,
+        model=model,
+        train=tok(train_rows, "train"),
+        test=tok(test_rows, "test"),
+        validation=tok(val_rows, "validation") if val_rows is not None else None,
+        label_names=list(splits.train.label_names),
+        partition=partition,
+        method=build_method(config),
+        training=training_settings(config),
+        profiles=cost.assign_profiles(
+            config.num_clients,
+            config.cost.devices,
+            config.cost.networks,
+            config.seed,
+            config.cost.device_weights,
+            config.cost.network_weights,
+        ),
+        dims=cost.ModelDims.from_hf_config(hf_config, num_labels),
+        num_layers=num_layers,
+        extra_kv=extra_kv,
+        extra_tokens=extra_tokens,
+    )

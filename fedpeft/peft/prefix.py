@@ -1,0 +1,31 @@
+"""Prefix-tuning (Li & Liang, 2021) through HF peft: trained key/value vectors in every layer."""
+
+from __future__ import annotations
+
+from peft import PrefixTuningConfig, TaskType, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fedpeft.peft.base import unfreeze_head
+
+
+class PrefixSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_virtual_tokens: int = Field(16, ge=1, description="prefix length")
+    projection: bool = Field(
+        False, description="reparameterise the prefix through an MLP (more parameters to send)"
+    )
+    hidden_size: int = Field(128, ge=1, description="MLP width when projection is on")
+
+
+def inject(model: nn.Module, settings: PrefixSettings) -> nn.Module:
+    config = PrefixTuningConfig(
+        task_type=TaskType.SEQ_CLS,
+        num_virtual_tokens=settings.num_virtual_tokens,
+        prefix_projection=settings.projection,
+        encoder_hidden_size=settings.hidden_size,
+    )
+    model = get_peft_model(model, config)
+    unfreeze_head(model)
+    return model

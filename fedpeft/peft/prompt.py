@@ -1,0 +1,24 @@
+"""Prompt-tuning (Lester et al., 2021) through HF peft: trained input embeddings before the text."""
+
+from __future__ import annotations
+
+from peft import PromptTuningConfig, TaskType, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fedpeft.peft.base import unfreeze_head
+
+
+class PromptSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_virtual_tokens: int = Field(16, ge=1, description="number of soft prompt tokens")
+
+
+def inject(model: nn.Module, settings: PromptSettings) -> nn.Module:
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_CLS, num_virtual_tokens=settings.num_virtual_tokens
+    )
+    model = get_peft_model(model, config)
+    unfreeze_head(model)
+    return model
