@@ -13,13 +13,12 @@ an adaptive optimiser with it, element-wise per tensor:
     v     = v - (1 - beta2) * delta^2 * sign(v - delta^2)  FedYogi
     x     = x + eta * m / (sqrt(v) + tau)
 
-There is no bias correction, as in the paper. The paper initialises m = 0 and v >= tau^2; we take
-v = tau^2, so the first step is eta * m / (sqrt(v) + tau) with v dominated by delta^2 for any
-meaningful update. tau bounds the per-coordinate step size (adaptivity).
+There is no bias correction, as in the paper. The paper initialises m = 0 and requires
+v >= tau^2; we take v = tau^2 exactly, the smallest allowed value. tau bounds how large a step a
+coordinate with a tiny update history can take (the "degree of adaptivity").
 
 Defaults: beta1 = 0.9 and beta2 = 0.99 are the values the paper fixes in its experiments; eta = 1e-2
-and tau = 1e-3 lie inside the grids it searches and are Flower's FedYogi defaults. Both eta and tau
-are worth tuning per task.
+and tau = 1e-3 are Flower's FedYogi defaults. The paper tunes eta and tau per task, and so should we.
 
 A tensor seen for the first time (an empty state at the start, or a layer that a method such as
 AutoFedNLP adds mid-run) starts from m = 0, v = tau^2; tensors no longer exchanged are dropped.

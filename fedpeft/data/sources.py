@@ -70,7 +70,7 @@ class TextDataset:
             "text": self.texts,
             "text_pair": self.text_pairs,
             "lang": self.langs,
-            "label": None if self.labels is None else self.labels.tolist(),
+            "label": self.labels.tolist(),
         }
         if name not in columns:
             raise DataError(f"unknown field '{name}'; known fields: {', '.join(columns)}")

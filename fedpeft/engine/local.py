@@ -23,6 +23,7 @@ from fedpeft.methods import ClientUpdate
 from fedpeft.peft.base import (
     State,
     count_trainable,
+    count_trainable_per_token,
     load_trainable_state,
     lowest_trainable_layer,
     trainable_state,
@@ -86,12 +87,14 @@ class EmbeddedEngine:
         up_blob = payload.encode(sent)
         update = ClientUpdate(cid, payload.decode(up_blob, expected=sent), result.num_samples, result)
         device, network = job.profiles[cid]
+        per_token, embeddings = count_trainable_per_token(self.model)
         flops = cost.train_flops(
             job.dims,
             round(result.mean_seq_len) + job.extra_tokens,
             result.samples_seen,
             lowest_trainable_layer=lowest_trainable_layer(self.model, job.num_layers),
-            trainable_params=count_trainable(self.model),
+            trainable_params=per_token,
+            embeddings_trainable=embeddings,
             extra_kv=job.extra_kv,
         )
         seconds = cost.compute_time_s(flops, device) + cost.comm_time_s(

@@ -115,3 +115,21 @@ def resolve_layers(layers: list[int] | None, top: int | None, num_layers: int) -
     if bad:
         raise ValueError(f"layer {bad[0]} does not exist (model has {num_layers} layers)")
     return sorted(set(layers))
+
+
+def embedding_parameters(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+
+
+def count_trainable_per_token(model: nn.Module) -> tuple[int, bool]:
+    """(trainable parameters that act on every token, whether any embedding table trains).
+
+    Embedding tables (word/position embeddings, prompt and prefix tables) are excluded: their
+    gradient is a cheap row update, not a matmul. The cost model needs exactly this split.
+    """
+    tables = embedding_parameters(model)
+    per_token = sum(
+        p.numel() for p in model.parameters() if p.requires_grad and id(p) not in tables
+    )
+    embeddings = any(p.requires_grad for p in model.parameters() if id(p) in tables)
+    return per_token, embeddings

@@ -52,5 +52,7 @@ def shared_dataset():
 def _shared_dataset(name: str) -> Path:
     folder = shared_data_dir() / name
     if not (folder / "train.jsonl").is_file():
-        pytest.skip(f"shared dataset '{name}' not found under {shared_data_dir()} (set FEDPEFT_DATA)")
+        pytest.skip(
+            f"shared dataset '{name}' not found under {shared_data_dir()} (set FEDPEFT_DATA)"
+        )
     return folder

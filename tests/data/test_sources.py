@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpeft.data import DataError, TextDataset, load_source, subsample
-from fedpeft.data import sources
+from fedpeft.data import DataError, TextDataset, load_source, sources, subsample
 
 
 def test_folder_layout_loads_all_splits(tiny_folder: Path) -> None:
@@ -164,7 +163,9 @@ def test_subset_field_and_subsample() -> None:
         langs=["en", "de"] * 5,
     )
     part = ds.subset([3, 1])
-    assert part.texts == ["t3", "t1"] and part.labels.tolist() == [1, 1] and part.langs == ["de"] * 2
+    assert (
+        part.texts == ["t3", "t1"] and part.labels.tolist() == [1, 1] and part.langs == ["de"] * 2
+    )
     with pytest.raises(DataError, match="text_pair"):
         ds.field("text_pair")
     assert subsample(ds, None, 0) is ds and subsample(ds, 50, 0) is ds
