@@ -14,6 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from fedpeft.config import ConfigError
     from fedpeft.data.sources import DataError
@@ -114,15 +115,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     demo_config = REPO_ROOT / "configs" / "demo.yaml"
     overrides = list(args.set or [])
-    if not any(o.startswith("dataset=") for o in overrides) and not (shared_data_dir() / "ag_news").is_dir():
+    if (
+        not any(o.startswith("dataset=") for o in overrides)
+        and not (shared_data_dir() / "ag_news").is_dir()
+    ):
         print(
-            f"demo data {shared_data_dir() / 'ag_news'} not found: run `make demo ARGS=\"--set dataset=PATH\"` "
+            f'demo data {shared_data_dir() / "ag_news"} not found: run `make demo ARGS="--set dataset=PATH"` '
             "with PATH a folder of train.jsonl/test.jsonl (+labels.json), or set FEDPEFT_DATA",
             file=sys.stderr,
         )
         return 2
     ns = argparse.Namespace(
-        config=str(demo_config), set=overrides, out=args.out or str(_default_out("demo")), resume=None, quiet=args.quiet
+        config=str(demo_config),
+        set=overrides,
+        out=args.out or str(_default_out("demo")),
+        resume=None,
+        quiet=args.quiet,
     )
     return cmd_run(ns)
 
@@ -133,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one federated fine-tuning job")
     run.add_argument("config", nargs="?", help="YAML config file")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable; dotted for nested keys)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable; dotted for nested keys)",
+    )
     run.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
     run.add_argument("--resume", metavar="DIR", help="continue an interrupted run folder")
     run.add_argument("--quiet", action="store_true", help="no progress display")

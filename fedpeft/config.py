@@ -46,7 +46,9 @@ class FedOptSettings(_Strict):
 class CostSettings(_Strict):
     """Simulated devices and networks; profiles are assigned to clients by seeded draw."""
 
-    devices: list[str] = Field(default_factory=lambda: ["jetson_tx2", "raspberry_pi4", "phone", "laptop"])
+    devices: list[str] = Field(
+        default_factory=lambda: ["jetson_tx2", "raspberry_pi4", "phone", "laptop"]
+    )
     device_weights: list[float] | None = None
     networks: list[str] = Field(default_factory=lambda: ["wifi", "lte", "reference_1mbps"])
     network_weights: list[float] | None = None
@@ -57,7 +59,9 @@ class RunConfig(_Strict):
 
     name: str | None = Field(None, description="run name (default: dataset-method-partition)")
     model: str = Field("minilm", description="minilm | tiny | local HF folder | hub id")
-    dataset: str = Field("ag_news", description="shared-data name | folder | .jsonl/.csv | hub:<name>")
+    dataset: str = Field(
+        "ag_news", description="shared-data name | folder | .jsonl/.csv | hub:<name>"
+    )
     method: Literal["lora", "adapter", "prefix", "prompt", "bitfit", "full"] = "lora"
     algorithm: str = Field("fedavg", description="|".join(ALGORITHMS))
     engine: Literal["embedded"] = "embedded"
@@ -73,24 +77,34 @@ class RunConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="linear warm-up share of local steps, then linear decay")
+    warmup_ratio: float = Field(
+        0.1, ge=0, le=1, description="linear warm-up share of local steps, then linear decay"
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
     max_seq_len: int = Field(128, ge=8, le=512)
     pooling: Literal["mean", "cls"] = "mean"
 
     partition: Literal["iid", "dirichlet", "quantity", "natural"] = "dirichlet"
-    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration (dirichlet and quantity skew)")
+    alpha: float = Field(
+        1.0, gt=0, description="Dirichlet concentration (dirichlet and quantity skew)"
+    )
     partition_field: str = Field("lang", description="row field that defines natural clients")
     seed: int = 0
     max_train_samples: int | None = Field(None, ge=1)
     max_test_samples: int | None = Field(None, ge=1)
     validation_size: int = Field(
-        0, ge=0, description="server-held validation rows (from the validation split, else held out of train)"
+        0,
+        ge=0,
+        description="server-held validation rows (from the validation split, else held out of train)",
     )
     eval_every: int = Field(1, ge=1)
-    personalized_eval: bool = Field(False, description="also score each client's local test split at the end")
+    personalized_eval: bool = Field(
+        False, description="also score each client's local test split at the end"
+    )
     target_accuracy: float | None = Field(None, gt=0, le=1)
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: torch's choice)"
+    )
 
     lora: LoraSettings = Field(default_factory=LoraSettings)
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
@@ -105,7 +119,9 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm: unknown '{self.algorithm}' (choose from {', '.join(ALGORITHMS)})")
+            raise ValueError(
+                f"algorithm: unknown '{self.algorithm}' (choose from {', '.join(ALGORITHMS)})"
+            )
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients_per_round: {self.clients_per_round} is more than num_clients ({self.num_clients})"

@@ -88,7 +88,9 @@ def build_method(config: RunConfig) -> FederatedMethod:
 
 def build_model(config: RunConfig, num_labels: int) -> tuple[nn.Module, object]:
     """The backbone with the task head and the configured PEFT method injected."""
-    model, tokenizer = load_model(config.model, num_labels, pooling=config.pooling, seed=config.seed)
+    model, tokenizer = load_model(
+        config.model, num_labels, pooling=config.pooling, seed=config.seed
+    )
     unit = peft.METHODS[config.method]
     model = unit.inject(model, config.method_settings())
     model.eval()

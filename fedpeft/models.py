@@ -107,13 +107,17 @@ def load_model(
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels
+            )
         except Exception as err:
             raise ModelError(f"cannot load model '{spec}': {_first_line(err)}") from err
         finally:
             hf_logging.set_verbosity(verbosity)
     if not isinstance(model, BertForSequenceClassification):
-        raise ModelError(f"model '{spec}' is {type(model).__name__}; fedpeft supports BERT-style models")
+        raise ModelError(
+            f"model '{spec}' is {type(model).__name__}; fedpeft supports BERT-style models"
+        )
     if pooling == "mean":
         _use_mean_pooling(model)
     elif pooling != "cls":

@@ -34,7 +34,11 @@ class RunProgress:
 
     def event(self, kind: str, info: dict[str, Any]) -> None:
         if kind == "resume":
-            self.progress.update(self.rounds_task, completed=info["round"], status=f"resumed after round {info['round']}")
+            self.progress.update(
+                self.rounds_task,
+                completed=info["round"],
+                status=f"resumed after round {info['round']}",
+            )
         elif kind == "round_start":
             self.progress.reset(self.clients_task, status="")
         elif kind == "client":
@@ -49,4 +53,7 @@ class RunProgress:
             self.progress.update(self.rounds_task, advance=1, status=status)
             if not self.enabled:
                 return
-            self.console.log(status + f"  sim {info['sim_time_total_s']:.0f}s  up {info['bytes_up_total'] / 1e6:.2f} MB")
+            self.console.log(
+                status
+                + f"  sim {info['sim_time_total_s']:.0f}s  up {info['bytes_up_total'] / 1e6:.2f} MB"
+            )

@@ -151,19 +151,33 @@ class RunDir:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in ckpt.global_state.items()},
+            str(tmp / "global.safetensors"),
+        )
         torch.save(
-            {"round": ckpt.round, "method": ckpt.method_state, "history": ckpt.history, "rng": ckpt.rng},
+            {
+                "round": ckpt.round,
+                "method": ckpt.method_state,
+                "history": ckpt.history,
+                "rng": ckpt.rng,
+            },
             tmp / "state.pt",
         )
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-        write_json(self.pointer_path, {"round": ckpt.round, "folder": str(folder.relative_to(self.path))})
+        write_json(
+            self.pointer_path, {"round": ckpt.round, "folder": str(folder.relative_to(self.path))}
+        )
         self._prune(keep, latest=folder)
 
     def _prune(self, keep: int, latest: Path) -> None:
         folders = sorted(
-            (p for p in (self.path / "checkpoints").glob("round-*") if p.is_dir() and not p.name.endswith(".tmp")),
+            (
+                p
+                for p in (self.path / "checkpoints").glob("round-*")
+                if p.is_dir() and not p.name.endswith(".tmp")
+            ),
             key=lambda p: int(p.name.split("-")[1]),
         )
         for old in folders[:-keep]:
@@ -180,4 +194,6 @@ class RunDir:
             state = torch.load(folder / "state.pt", weights_only=False)
         except (OSError, RuntimeError) as err:
             raise RunDirError(f"checkpoint {folder} is unreadable: {err}") from err
-        return Checkpoint(state["round"], global_state, state["method"], state["history"], state["rng"])
+        return Checkpoint(
+            state["round"], global_state, state["method"], state["history"], state["rng"]
+        )

@@ -68,8 +68,15 @@ def test_extra_loss_and_gradient_hook_are_applied(toy_data):
                 p.grad.zero_()
 
     before = trainable_state(model)
-    train_local(model, data, np.arange(32), LocalTraining(steps=3, batch_size=16, weight_decay=0.0, lr=1e-2),
-                seed=0, extra_loss=extra, after_backward=zero_grads)
+    train_local(
+        model,
+        data,
+        np.arange(32),
+        LocalTraining(steps=3, batch_size=16, weight_decay=0.0, lr=1e-2),
+        seed=0,
+        extra_loss=extra,
+        after_backward=zero_grads,
+    )
     assert calls == {"extra": 3, "after": 3}
     assert all(torch.equal(before[k], v) for k, v in trainable_state(model).items())
 

@@ -8,7 +8,9 @@ from fedpeft.config import ConfigError, build_config, dump_config, load_config, 
 
 
 def test_defaults_and_nested_overrides():
-    config = build_config({"method": "lora"}, ["lora.r=16", "lr=1e-3", "lora.target_modules=[query,key]"])
+    config = build_config(
+        {"method": "lora"}, ["lora.r=16", "lr=1e-3", "lora.target_modules=[query,key]"]
+    )
     assert config.lora.r == 16
     assert config.lr == pytest.approx(1e-3)
     assert config.lora.target_modules == ["query", "key"]
@@ -30,7 +32,11 @@ def test_round_trip_through_yaml(tmp_path):
         ({"method": "lorax"}, [], "method:"),
         ({"lr": -1}, [], "lr: Input should be greater than 0"),
         ({"algorithm": "fedsgd"}, [], "unknown 'fedsgd'"),
-        ({"num_clients": 5, "clients_per_round": 6}, [], "clients_per_round: 6 is more than num_clients"),
+        (
+            {"num_clients": 5, "clients_per_round": 6},
+            [],
+            "clients_per_round: 6 is more than num_clients",
+        ),
         ({}, ["rounds"], "--set expects key=value"),
         ({}, ["lr.x=1"], "lr: Input should be a valid number"),
         ({}, ["partition=weird"], "partition:"),

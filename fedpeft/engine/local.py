@@ -68,7 +68,9 @@ class EmbeddedEngine:
         self.on_event = on_event or (lambda _kind, _info: None)
 
     # -- one client -------------------------------------------------------------------------
-    def _client_round(self, rnd: int, cid: int, global_state: State) -> tuple[ClientUpdate, int, int, float]:
+    def _client_round(
+        self, rnd: int, cid: int, global_state: State
+    ) -> tuple[ClientUpdate, int, int, float]:
         job, method = self.job, self.method
         method.prepare_client(self.model, rnd, cid)
         down_blob = payload.encode(method.download(rnd, cid, global_state))
@@ -85,7 +87,9 @@ class EmbeddedEngine:
         )
         sent = method.upload(rnd, cid, trainable_state(self.model))
         up_blob = payload.encode(sent)
-        update = ClientUpdate(cid, payload.decode(up_blob, expected=sent), result.num_samples, result)
+        update = ClientUpdate(
+            cid, payload.decode(up_blob, expected=sent), result.num_samples, result
+        )
         device, network = job.profiles[cid]
         per_token, embeddings = count_trainable_per_token(self.model)
         flops = cost.train_flops(
@@ -114,9 +118,14 @@ class EmbeddedEngine:
             report.bytes_up += up
             report.bytes_down += down
             report.client_sim_s.append(seconds)
-            self.on_event("client", {"round": rnd, "done": i + 1, "of": len(clients), "loss": update.result.mean_loss})
+            self.on_event(
+                "client",
+                {"round": rnd, "done": i + 1, "of": len(clients), "loss": update.result.mean_loss},
+            )
         samples = sum(u.result.samples_seen for u in updates)
-        report.train_loss = sum(u.result.mean_loss * u.result.samples_seen for u in updates) / samples
+        report.train_loss = (
+            sum(u.result.mean_loss * u.result.samples_seen for u in updates) / samples
+        )
         report.sim_time_s = cost.round_time_s(report.client_sim_s)
         new_global = self.method.aggregate(rnd, global_state, updates)
         return new_global, report
@@ -129,13 +138,15 @@ class EmbeddedEngine:
         result = evaluate(self.model, job.test, np.arange(len(job.test)), config.eval_batch_size)
         row.update(accuracy=result.accuracy, macro_f1=result.macro_f1, eval_loss=result.loss)
         if job.validation is not None:
-            val = evaluate(self.model, job.validation, np.arange(len(job.validation)), config.eval_batch_size)
+            val = evaluate(
+                self.model, job.validation, np.arange(len(job.validation)), config.eval_batch_size
+            )
             row.update(val_accuracy=val.accuracy, val_macro_f1=val.macro_f1)
 
     def _personalized(self) -> dict[str, Any]:
         job = self.job
         accs, sizes = [], []
-        for cid, rows in enumerate(job.partition.test):
+        for rows in job.partition.test:
             if len(rows) == 0:
                 continue
             result = evaluate(self.model, job.test, rows, self.config.eval_batch_size)

@@ -28,7 +28,8 @@ class AdapterSettings(BaseModel):
     depth: int | None = Field(None, ge=0, description="adapters in the top `depth` layers only")
     layers: list[int] | None = Field(None, description="explicit layer indices (instead of depth)")
     placement: Literal["pfeiffer", "houlsby"] = Field(
-        "pfeiffer", description="pfeiffer: after the FFN; houlsby: after attention and after the FFN"
+        "pfeiffer",
+        description="pfeiffer: after the FFN; houlsby: after attention and after the FFN",
     )
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     init_std: float = Field(1e-2, gt=0, description="std of the down-projection's initial weights")

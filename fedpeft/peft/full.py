@@ -12,7 +12,9 @@ class FullSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     depth: int | None = Field(
-        None, ge=0, description="layer freezing: train only the top `depth` layers (default: all + embeddings)"
+        None,
+        ge=0,
+        description="layer freezing: train only the top `depth` layers (default: all + embeddings)",
     )
 
 

@@ -13,10 +13,13 @@ class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(8, ge=1, description="rank of the update")
-    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is scaled by alpha/r")
+    alpha: float = Field(
+        16.0, gt=0, description="scaling numerator: the update is scaled by alpha/r"
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["query", "value"], description="names of the linear layers to adapt"
+        default_factory=lambda: ["query", "value"],
+        description="names of the linear layers to adapt",
     )
     layers: list[int] | None = Field(None, description="layer indices to adapt (default: all)")
     depth: int | None = Field(None, ge=0, description="adapt only the top `depth` layers")

@@ -37,11 +37,21 @@ def metrics(run: RunDir) -> list[dict]:
 
 @pytest.mark.parametrize("method", list(peft.METHODS))
 def test_two_rounds_per_method(tmp_path, toy_data, method):
-    summary, run = run_once(tmp_path / method, **tiny_config(toy_data, method=method, target_accuracy=0.01))
+    summary, run = run_once(
+        tmp_path / method, **tiny_config(toy_data, method=method, target_accuracy=0.01)
+    )
     rows = metrics(run)
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
-        for key in ("train_loss", "accuracy", "macro_f1", "bytes_up", "bytes_down", "sim_time_s", "wall_time_s"):
+        for key in (
+            "train_loss",
+            "accuracy",
+            "macro_f1",
+            "bytes_up",
+            "bytes_down",
+            "sim_time_s",
+            "wall_time_s",
+        ):
             assert row[key] is not None and row[key] >= 0, key
     assert rows[1]["bytes_up_total"] == rows[0]["bytes_up"] + rows[1]["bytes_up"]
     weights = load_file(str(run.weights_path))
@@ -122,10 +132,19 @@ def test_kill_then_resume_from_the_command_line(tmp_path, toy_data):
     cfg_path.write_text(dump_config(build_config(config)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cli = [sys.executable, "-m", "fedpeft.cli", "run"]
-    subprocess.run([*cli, str(cfg_path), "--out", str(tmp_path / "ref"), "--quiet"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*cli, str(cfg_path), "--out", str(tmp_path / "ref"), "--quiet"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
 
-    proc = subprocess.Popen([*cli, str(cfg_path), "--out", str(tmp_path / "cut"), "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cli, str(cfg_path), "--out", str(tmp_path / "cut"), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = tmp_path / "cut" / "checkpoint.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -138,8 +157,12 @@ def test_kill_then_resume_from_the_command_line(tmp_path, toy_data):
     done = json.loads(pointer.read_text())["round"]
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) in (done - 1, done)  # the kill may land between checkpoint and metrics
-    result = subprocess.run([*cli, "--resume", str(tmp_path / "cut"), "--quiet"],
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [*cli, "--resume", str(tmp_path / "cut"), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     ref_w = load_file(str(tmp_path / "ref" / "weights.safetensors"))
     got_w = load_file(str(tmp_path / "cut" / "weights.safetensors"))

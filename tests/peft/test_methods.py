@@ -24,7 +24,11 @@ def tiny(method: str, **settings):
 
 
 def batch(tok):
-    enc = tok(["a football match today", "stock prices fell sharply after the report"], padding=True, return_tensors="pt")
+    enc = tok(
+        ["a football match today", "stock prices fell sharply after the report"],
+        padding=True,
+        return_tensors="pt",
+    )
     return dict(enc)
 
 
