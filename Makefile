@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedpeft demo
+	$(BIN)/fedpeft demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft run | report | demo``.
+"""Command line: ``fedpeft run | report | demo | bench STUDY | flower ...``.
 
 User mistakes (config, data, model, run folder, payload) end with one line on stderr and exit
 status 2; Ctrl-C leaves finished rounds intact and says how to resume (exit 130).
@@ -7,6 +7,7 @@ status 2; Ctrl-C leaves finished rounds intact and says how to resume (exit 130)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -54,14 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _execute(job, run_dir, quiet: bool) -> int:
-    from fedpeft.engine.local import EmbeddedEngine
-    from fedpeft.plots import plot_run
     from fedpeft.progress import RunProgress
-    from fedpeft.report import comparison_table, load_run
 
     _write_partition(job, run_dir)
     progress = RunProgress(job.config.rounds, job.config.clients_per_round, enabled=not quiet)
-    engine = EmbeddedEngine(job, run_dir, on_event=progress.event)
+    if job.config.engine == "flower":
+        from fedpeft.engine.flower import FlowerEngine as Engine
+    else:
+        from fedpeft.engine.local import EmbeddedEngine as Engine
+    engine = Engine(job, run_dir, on_event=progress.event)
     try:
         with progress:
             summary = engine.run()
@@ -74,12 +76,19 @@ def _execute(job, run_dir, quiet: bool) -> int:
             file=sys.stderr,
         )
         return 130
+    _print_results(run_dir, summary["name"])
+    return 0
+
+
+def _print_results(run_dir, name: str) -> None:
+    from fedpeft.plots import plot_run
+    from fedpeft.report import comparison_table, load_run
+
     metrics = load_run(run_dir.path).metrics
-    plots = plot_run(metrics, run_dir.path, title=summary["name"])
+    plots = plot_run(metrics, run_dir.path, title=name)
     print(comparison_table([load_run(run_dir.path)]))
     print(f"run folder: {run_dir.path}")
     print("plots: " + ", ".join(str(p) for p in plots))
-    return 0
 
 
 def _partition_summary(job) -> dict:
@@ -107,6 +116,99 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(report([Path(p) for p in args.runs], out))
     if out is not None:
         print(f"report and overlay plots written to {out}")
+    return 0
+
+
+BENCH_STUDIES = ("autofednlp",)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Import ``benchmarks/<study>.py`` from the repository and call its ``main(quick, out)``."""
+    import importlib
+
+    from fedpeft.paths import REPO_ROOT
+
+    folder = REPO_ROOT / "benchmarks"
+    if not (folder / f"{args.study}.py").is_file():
+        print(f"error: benchmark script {folder / args.study}.py not found", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(folder))  # by name, so worker processes can import it too
+    module = importlib.import_module(args.study)
+    module.main(quick=args.quick, out=Path(args.out) if args.out else None)
+    return 0
+
+
+def _flower_run(config, out: str | None):
+    """A new run folder for a deployed run, once its job builds (data and model are there)."""
+    from fedpeft.config import dump_config
+    from fedpeft.job import build_job
+    from fedpeft.runs import RunDir
+
+    job = build_job(config)
+    run_dir = RunDir.create(
+        Path(out) if out else _default_out(config.run_name()), dump_config(config)
+    )
+    _write_partition(job, run_dir)
+    return run_dir
+
+
+def cmd_flower_prepare(args: argparse.Namespace) -> int:
+    """Write the Flower app for a deployment and print the commands that run it."""
+    from fedpeft.config import load_config
+    from fedpeft.engine.flower_deploy import deployment_commands, read_credentials, write_app
+
+    config = load_config(args.config, args.set)
+    creds = None if config.flower.insecure else read_credentials(Path(args.certs))
+    run_dir = _flower_run(config, args.out)
+    app_dir = Path(args.app or f"{run_dir.path}-flower-app")
+    app = write_app(app_dir, config, run_dir.path, creds.ca_cert if creds else None)
+    print(f"Flower app: {app}\nrun folder (on the SuperLink host): {run_dir.path}\n")
+    print(deployment_commands(app, config, creds), end="")
+    return 0
+
+
+def cmd_flower_certs(args: argparse.Namespace) -> int:
+    """Create a CA, a SuperLink certificate and SuperNode key pairs."""
+    from fedpeft.engine.flower_deploy import make_credentials
+
+    hosts = tuple(args.host or ("127.0.0.1", "localhost"))
+    creds = make_credentials(Path(args.dir), hosts=hosts, num_nodes=args.nodes)
+    print(f"CA certificate:        {creds.ca_cert}  (give to SuperNodes and the flwr CLI)")
+    print(f"SuperLink certificate: {creds.server_cert}  (for {', '.join(hosts)})")
+    print(f"SuperLink key:         {creds.server_key}  (keep on the SuperLink host)")
+    for key in creds.node_keys:
+        print(f"SuperNode key pair:    {key} + {key}.pub  (register the .pub)")
+    return 0
+
+
+def cmd_flower_local(args: argparse.Namespace) -> int:
+    """The run as a real deployment on this machine: a SuperLink and SuperNode processes."""
+    from fedpeft.config import load_config
+    from fedpeft.engine.flower_deploy import (
+        FlowerError,
+        LocalFederation,
+        make_credentials,
+        write_app,
+    )
+
+    config = load_config(args.config, args.set)
+    run_dir = _flower_run(config, args.out)
+    work = Path(f"{run_dir.path}-flower")
+    app = write_app(work / "app", config, run_dir.path)
+    creds = None
+    if not config.flower.insecure:
+        creds = make_credentials(work / "credentials", num_nodes=args.nodes)
+    try:
+        with LocalFederation(work, args.nodes, creds) as federation:
+            print(f"SuperLink on {federation.address}, {args.nodes} SuperNodes; logs in {work}")
+            federation.run(app, timeout=args.timeout)
+    except FlowerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not run_dir.summary_path.is_file():
+        print(f"error: the run did not finish; see the logs in {work}", file=sys.stderr)
+        return 2
+    _print_results(run_dir, json.loads(run_dir.summary_path.read_text())["name"])
     return 0
 
 
@@ -162,6 +264,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="run a benchmark study (benchmarks/<study>.py)")
+    bench.add_argument("study", choices=BENCH_STUDIES, help="which study")
+    bench.add_argument("--quick", action="store_true", help="tiny model, seconds: a plumbing check")
+    bench.add_argument("--out", help="results folder (default: benchmarks/results)")
+    bench.set_defaults(func=cmd_bench)
+
+    flower = sub.add_parser("flower", help="run on Flower: prepare a deployment, certificates")
+    flower_sub = flower.add_subparsers(dest="flower_command", required=True)
+    prepare = flower_sub.add_parser(
+        "prepare", help="write the Flower app of a run and print the deployment commands"
+    )
+    local = flower_sub.add_parser(
+        "local", help="deploy on this machine: SuperLink + SuperNodes on 127.0.0.1, then run"
+    )
+    for cmd in (prepare, local):
+        cmd.add_argument("config", help="YAML config file")
+        cmd.add_argument("--set", action="append", metavar="KEY=VALUE")
+        cmd.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
+    prepare.add_argument("--app", help="Flower app folder (default: <out>-flower-app)")
+    prepare.add_argument(
+        "--certs", default="flower-certs", help="folder from `fedpeft flower certs`"
+    )
+    prepare.set_defaults(func=cmd_flower_prepare)
+    local.add_argument("--nodes", type=int, default=2, help="SuperNode processes")
+    local.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
+    local.set_defaults(func=cmd_flower_local)
+    certs = flower_sub.add_parser(
+        "certs", help="create a CA, a SuperLink certificate and SuperNode keys"
+    )
+    certs.add_argument("dir", nargs="?", default="flower-certs")
+    certs.add_argument("--host", action="append", help="SuperLink host name or IP (repeatable)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs")
+    certs.set_defaults(func=cmd_flower_certs)
     return parser
 
 

@@ -51,6 +51,8 @@ class LocalResult:
 
 ExtraLoss = Callable[[Mapping[str, nn.Parameter]], torch.Tensor | None]
 AfterBackward = Callable[[nn.Module], None]
+Forward = Callable[[nn.Module, Mapping[str, torch.Tensor], np.ndarray], torch.Tensor]
+"""``(model, batch, rows) -> logits``: another route to the same logits (the activation cache)."""
 
 
 def _optimizer(params: list[nn.Parameter], training: LocalTraining) -> torch.optim.Optimizer:
@@ -100,12 +102,14 @@ def train_local(
     seed: int,
     extra_loss: ExtraLoss | None = None,
     after_backward: AfterBackward | None = None,
+    forward: Forward | None = None,
 ) -> LocalResult:
     """Train the model's trainable parameters in place on ``data[indices]``.
 
     ``seed`` fixes the batch order and dropout, so a client's work in a round is reproducible
     (resumed runs match uninterrupted ones). ``extra_loss`` adds a term such as FedProx's proximal
-    penalty; ``after_backward`` may edit gradients (sparse updates) before the optimiser step.
+    penalty; ``after_backward`` may edit gradients (sparse updates) before the optimiser step;
+    ``forward`` replaces the model call (e.g. ``ActivationCache.logits``, which skips frozen layers).
     """
     if len(indices) == 0:
         raise ValueError("client has no training rows")
@@ -121,7 +125,7 @@ def train_local(
     total_loss, seen, tokens = 0.0, 0, 0
     for rows in batch_order(indices, training.batch_size, steps, generator):
         batch = data.batch(rows)
-        logits = forward_logits(model, batch)
+        logits = forward(model, batch, rows) if forward else forward_logits(model, batch)
         loss = F.cross_entropy(logits, batch["labels"])
         total_loss += loss.item() * len(rows)
         extra = extra_loss(params) if extra_loss is not None else None
@@ -163,7 +167,11 @@ def macro_f1(labels: np.ndarray, preds: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: TokenizedData, indices: np.ndarray, batch_size: int = 128
+    model: nn.Module,
+    data: TokenizedData,
+    indices: np.ndarray,
+    batch_size: int = 128,
+    forward: Forward | None = None,
 ) -> Evaluation:
     """Accuracy, macro-F1 and mean loss; rows are batched by length so padding stays small."""
     model.eval()
@@ -171,8 +179,9 @@ def evaluate(
     order = indices[np.argsort(data.lengths[indices].numpy(), kind="stable")]
     preds, labels, loss_sum = [], [], 0.0
     for start in range(0, len(order), batch_size):
-        batch = data.batch(order[start : start + batch_size])
-        logits = forward_logits(model, batch)
+        rows = order[start : start + batch_size]
+        batch = data.batch(rows)
+        logits = forward(model, batch, rows) if forward else forward_logits(model, batch)
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         preds.append(logits.argmax(dim=-1).numpy())
         labels.append(batch["labels"].numpy())

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedpeft.algorithms import ALGORITHMS
+from fedpeft.methods.autofednlp import AutoFedNLPSettings
 from fedpeft.peft.adapter import AdapterSettings
 from fedpeft.peft.bitfit import BitfitSettings
 from fedpeft.peft.full import FullSettings
@@ -54,6 +55,44 @@ class CostSettings(_Strict):
     network_weights: list[float] | None = None
 
 
+class ActivationCacheSettings(_Strict):
+    """Cache the hidden states entering the lowest trainable layer (fedpeft/cache.py).
+
+    Used whenever every layer below the trainable ones is frozen (adapter/lora/full with a depth,
+    autofednlp); otherwise ignored. The frozen bottom then runs once per sample, in eval mode.
+    """
+
+    enabled: bool = Field(False, description="train and evaluate the top layers from the cache")
+    dtype: Literal["fp16", "fp32"] = Field("fp16", description="storage precision")
+    max_bytes: int | None = Field(
+        2_000_000_000,
+        ge=0,
+        description="bound on stored bytes (null: none); rows over it are recomputed each time",
+    )
+
+
+class FlowerSettings(_Strict):
+    """The Flower engine (fedpeft/engine/flower.py, docs/flower.md): simulation and deployment.
+
+    Certificates and keys are files, not settings: ``fedpeft flower certs`` makes them.
+    """
+
+    round_timeout_s: float = Field(
+        600.0, gt=0, description="how long a round waits for replies; late clients are left out"
+    )
+    num_cpus: float = Field(1.0, gt=0, description="simulation: CPU cores reserved per client")
+    num_gpus: float = Field(0.0, ge=0, description="simulation: GPUs reserved per client")
+    min_nodes: int = Field(
+        1, ge=1, description="deployment: SuperNodes that must be connected before round 1"
+    )
+    superlink: str = Field(
+        "127.0.0.1:9093", description="deployment: the SuperLink's address, host:port"
+    )
+    insecure: bool = Field(
+        False, description="deployment without TLS and node authentication (loopback tests only)"
+    )
+
+
 class RunConfig(_Strict):
     """Everything one federated run needs. Top-level names are stable for scripts."""
 
@@ -62,9 +101,11 @@ class RunConfig(_Strict):
     dataset: str = Field(
         "ag_news", description="shared-data name | folder | .jsonl/.csv | hub:<name>"
     )
-    method: Literal["lora", "adapter", "prefix", "prompt", "bitfit", "full"] = "lora"
+    method: Literal["lora", "adapter", "prefix", "prompt", "bitfit", "full", "autofednlp"] = "lora"
     algorithm: str = Field("fedavg", description="|".join(ALGORITHMS))
-    engine: Literal["embedded"] = "embedded"
+    engine: Literal["embedded", "flower"] = Field(
+        "embedded", description="embedded (one process) | flower (Flower 1.41 simulation)"
+    )
 
     num_clients: int = Field(100, ge=1)
     clients_per_round: int = Field(10, ge=1)
@@ -115,6 +156,15 @@ class RunConfig(_Strict):
     fedprox: FedProxSettings = Field(default_factory=FedProxSettings)
     fedopt: FedOptSettings = Field(default_factory=FedOptSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    autofednlp: AutoFedNLPSettings = Field(default_factory=AutoFedNLPSettings)
+    activation_cache: ActivationCacheSettings = Field(default_factory=ActivationCacheSettings)
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: uploads carry int8 updates (trained - received) + fp32 scales"
+    )
+    quantize_download: bool = Field(
+        False, description="with quantize=int8, downloads carry int8 weights too"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -126,9 +176,24 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"clients_per_round: {self.clients_per_round} is more than num_clients ({self.num_clients})"
             )
+        if self.method == "autofednlp":
+            if self.num_clients < 3 * self.clients_per_round:
+                raise ValueError(
+                    f"num_clients: autofednlp splits clients into 3 trial groups of "
+                    f"clients_per_round ({self.clients_per_round}); needs >= {3 * self.clients_per_round}"
+                )
+            if not self.validation_size:
+                raise ValueError("validation_size: autofednlp picks trial winners on it; set > 0")
+            if self.algorithm != "fedavg":
+                raise ValueError("algorithm: autofednlp aggregates with fedavg, as the reference")
         return self
 
     def method_settings(self) -> BaseModel:
+        if self.method == "autofednlp":  # bottleneck adapters in the starting configuration
+            start = self.autofednlp
+            return self.adapter.model_copy(
+                update={"depth": start.start_depth, "width": start.start_width, "layers": None}
+            )
         return getattr(self, self.method)
 
     def run_name(self) -> str:

@@ -5,7 +5,7 @@ Engines receive a ``Job``; nothing below this module reads configuration.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,12 +13,13 @@ from torch import nn
 
 from fedpeft import cost, peft
 from fedpeft.algorithms import make_algorithm
+from fedpeft.cache import ActivationCache
 from fedpeft.client import LocalTraining
 from fedpeft.config import RunConfig
 from fedpeft.data.partition import Partition, make_partition
 from fedpeft.data.sources import DataSplits, TextDataset, load_source, subsample
 from fedpeft.data.tokenize import TokenizedData, tokenize
-from fedpeft.methods import FederatedMethod, FedPETuning
+from fedpeft.methods import AutoFedNLP, FederatedMethod, FedPETuning
 from fedpeft.models import load_model
 
 
@@ -38,6 +39,7 @@ class Job:
     num_layers: int
     extra_kv: int  # prefix tokens every attention layer also attends to (cost model)
     extra_tokens: int  # soft prompt tokens added to every sequence (cost model)
+    caches: dict[str, ActivationCache] = field(default_factory=dict)  # split -> activation cache
 
 
 def load_data(config: RunConfig) -> tuple[DataSplits, TextDataset, TextDataset, TextDataset | None]:
@@ -74,7 +76,13 @@ def training_settings(config: RunConfig) -> LocalTraining:
     )
 
 
-def build_method(config: RunConfig) -> FederatedMethod:
+def build_method(config: RunConfig, num_layers: int | None = None) -> FederatedMethod:
+    if config.method == "autofednlp":
+        if num_layers is None:
+            raise ValueError("autofednlp needs the model's number of layers")
+        return AutoFedNLP(
+            config.autofednlp, config.method_settings(), num_layers, config.clients_per_round
+        )
     algorithm = make_algorithm(
         config.algorithm,
         mu=config.fedprox.mu,
@@ -91,7 +99,7 @@ def build_model(config: RunConfig, num_labels: int) -> tuple[nn.Module, object]:
     model, tokenizer = load_model(
         config.model, num_labels, pooling=config.pooling, seed=config.seed
     )
-    unit = peft.METHODS[config.method]
+    unit = peft.METHODS["adapter" if config.method == "autofednlp" else config.method]
     model = unit.inject(model, config.method_settings())
     model.eval()
     return model, tokenizer
@@ -121,6 +129,16 @@ def build_job(config: RunConfig) -> Job:
         key = f"{splits.fingerprint}:{split}:{len(rows)}:{config.seed}:{config.max_train_samples}:{config.max_test_samples}:{config.validation_size}"
         return tokenize(rows, tokenizer, config.max_seq_len, cache_key=key)
 
+    data = {"train": tok(train_rows, "train"), "test": tok(test_rows, "test")}
+    if val_rows is not None:
+        data["validation"] = tok(val_rows, "validation")
+    caches = {}
+    if config.activation_cache.enabled:
+        cache = config.activation_cache
+        caches = {
+            split: ActivationCache(rows, cache.dtype, cache.max_bytes)
+            for split, rows in data.items()
+        }
     hf_config = model.config if hasattr(model, "config") else None
     num_layers = len(peft.base.encoder_layers(model))
     extra_kv = config.prefix.num_virtual_tokens if config.method == "prefix" else 0
@@ -128,12 +146,12 @@ def build_job(config: RunConfig) -> Job:
     return Job(
         config=config,
         model=model,
-        train=tok(train_rows, "train"),
-        test=tok(test_rows, "test"),
-        validation=tok(val_rows, "validation") if val_rows is not None else None,
+        train=data["train"],
+        test=data["test"],
+        validation=data.get("validation"),
         label_names=list(splits.train.label_names),
         partition=partition,
-        method=build_method(config),
+        method=build_method(config, num_layers),
         training=training_settings(config),
         profiles=cost.assign_profiles(
             config.num_clients,
@@ -147,4 +165,5 @@ def build_job(config: RunConfig) -> Job:
         num_layers=num_layers,
         extra_kv=extra_kv,
         extra_tokens=extra_tokens,
+        caches=caches,
     )

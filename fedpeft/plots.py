@@ -25,6 +25,7 @@ ACCURACY_VS_ROUND = "accuracy_vs_round.png"
 ACCURACY_VS_SIM_TIME = "accuracy_vs_sim_time.png"
 ACCURACY_VS_BYTES = "accuracy_vs_bytes.png"
 LOSS_VS_ROUND = "loss_vs_round.png"
+DEPTH_WIDTH = "depth_width.png"  # only for runs whose metrics carry depth (AutoFedNLP)
 
 _LOG_SPAN = 100.0  # switch an axis to log scale when it spans more than two decades
 _MARKERS_UP_TO = 40  # draw point markers while a line has this many points or fewer
@@ -178,7 +179,41 @@ def _plot_views(lines: list[tuple[str | None, Metrics]], out_dir: Path, title: s
         path = out_dir / view.filename
         _draw(lines, view, title, path)
         paths.append(path)
+    if any(row.get("depth") is not None for _, metrics in lines for row in metrics):
+        paths.append(_draw_depth_width(lines, out_dir / DEPTH_WIDTH, title))
     return paths
+
+
+def _draw_depth_width(lines: list[tuple[str | None, Metrics]], path: Path, title: str) -> Path:
+    """Adapter depth and width against simulated time, for runs that change them (AutoFedNLP)."""
+    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    largest = max((x or 0.0 for _, m in lines for x in _sim_time(m)), default=0.0)
+    unit_label, divisor = _time_unit(largest)
+    for label, metrics in lines:
+        points = [
+            (x / divisor, row["depth"], row.get("width"))
+            for x, row in zip(_sim_time(metrics), metrics, strict=True)
+            if x is not None and row.get("depth") is not None
+        ]
+        if not points:
+            continue
+        xs = [0.0] + [p[0] for p in points]
+        depths = [points[0][1]] + [p[1] for p in points]
+        widths = [points[0][2]] + [p[2] for p in points]
+        top.step(xs, depths, where="post", label=label)
+        bottom.step(xs, widths, where="post", label=label)
+    top.set_ylabel("adapter depth")
+    bottom.set_ylabel("adapter width")
+    bottom.set_xlabel(f"simulated time ({unit_label})")
+    top.set_title(title)
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    if any(label for label, _ in lines):
+        top.legend(fontsize="small")
+    _save_atomic(fig, path)
+    return path
 
 
 def plot_run(metrics: Metrics, out_dir: Path, title: str) -> list[Path]:

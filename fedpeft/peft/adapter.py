@@ -121,6 +121,36 @@ def grow_width(model: nn.Module, new_width: int) -> None:
         adapter.grow(new_width)
 
 
+def set_layout(model: nn.Module, depth: int, width: int, settings: AdapterSettings) -> None:
+    """Make the model carry adapters of ``width`` in exactly its top ``depth`` layers.
+
+    Adapters in kept layers keep their weights (grown if narrower, re-made if wider); adapters
+    below are removed, restoring the original frozen sub-layer, so the frozen bottom is the
+    pristine backbone again. Afterwards exactly the adapters and the head train. AutoFedNLP uses
+    this to move the one resident model between candidate configurations; the caller then loads
+    the candidate's trainable state.
+    """
+    layers = encoder_layers(model)
+    keep = set(resolve_layers(None, depth, len(layers)))
+    for index, layer in enumerate(layers):
+        for site in _sites(layer, "houlsby"):
+            adapted = site.dense
+            if not isinstance(adapted, AdaptedLinear):
+                continue
+            if index not in keep:
+                site.dense = adapted.linear
+            elif adapted.adapter.width > width:
+                hidden = adapted.linear.out_features
+                adapted.adapter = Bottleneck(hidden, width, settings.activation, settings.init_std)
+            else:
+                adapted.adapter.grow(width)
+    add_adapters(model, sorted(keep), settings.model_copy(update={"width": width}))
+    freeze_all(model)
+    for adapter in adapters(model):
+        adapter.requires_grad_(True)
+    unfreeze_head(model)
+
+
 def inject(model: nn.Module, settings: AdapterSettings) -> nn.Module:
     num_layers = len(encoder_layers(model))
     chosen = resolve_layers(settings.layers, settings.depth, num_layers)

@@ -1,0 +1,467 @@
+"""The Flower engine: the embedded engine's run, with Flower 1.41 carrying the messages.
+
+The server side is a Flower ``Strategy`` (``FedpeftStrategy``): fedpeft samples the round's
+clients (``sample_clients``), the federated method decides what each one receives and combines
+the uploads (``method.download`` / ``method.aggregate``, i.e. ``fedpeft.algorithms``), and the
+server evaluates and writes the same run folder as the embedded engine. The client side is a
+``ClientApp`` that runs ``train_client``, the embedded engine's own per-client step. Only the
+trainable tensors travel, as ``ArrayRecord``s; the bytes counted are the safetensors encoding of
+those tensors (``fedpeft.payload``), exactly what the embedded engine counts, so the two engines
+report the same traffic.
+
+Messages carry the logical client id, so any node can serve any client: the server spreads a
+round's clients over the connected nodes in turn, and a client trains identically wherever it
+runs. A round waits at most ``flower.round_timeout_s``; clients that do not answer in time (a
+node died, a reply failed) are left out of the aggregate and listed in the metrics row as
+``clients_failed``.
+
+Two ways to run it (docs/flower.md): ``FlowerEngine`` runs the run config through Flower's
+simulation runtime in this process (``engine: flower``); ``fedpeft.engine.flower_app`` is the app
+``flwr run`` deploys on a SuperLink with SuperNodes (``fedpeft flower ...``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+# Flower and Ray read these when imported: no telemetry, no update check (both would try the
+# network). Set before any flwr import; subprocesses (Ray workers, SuperNodes) inherit them.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+os.environ.update(FLOWER_ENV)
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from flwr.app import (  # noqa: E402
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
+
+from fedpeft import cost, payload  # noqa: E402
+from fedpeft.client import LocalResult  # noqa: E402
+from fedpeft.config import ConfigError, RunConfig, build_config, dump_config  # noqa: E402
+from fedpeft.engine.local import (  # noqa: E402
+    ProgressHook,
+    evaluate_global,
+    metrics_row,
+    personalized_scores,
+    sample_clients,
+    train_client,
+)
+from fedpeft.job import Job, build_job  # noqa: E402
+from fedpeft.methods import ClientUpdate, RoundReport  # noqa: E402
+from fedpeft.peft.base import (  # noqa: E402
+    State,
+    count_trainable,
+    load_trainable_state,
+    trainable_state,
+)
+from fedpeft.runs import (  # noqa: E402
+    Checkpoint,
+    RunDir,
+    rng_state,
+    set_rng_state,
+    write_safetensors,
+)
+from fedpeft.summary import summarise  # noqa: E402
+
+log = logging.getLogger("fedpeft.flower")
+CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML (deployment)
+RUN_DIR_KEY = "run-dir"  # run-config key holding the run folder's path on the SuperLink host
+
+
+def check_supported(config: RunConfig) -> None:
+    """Refuse what the Flower engine does not run yet, in one line."""
+    if config.method == "autofednlp":
+        raise ConfigError("engine: flower does not run autofednlp yet (use engine: embedded)")
+    if getattr(config, "quantize", "none") != "none":
+        raise ConfigError("engine: flower sends float tensors; set quantize: none")
+
+
+def to_state(record: ArrayRecord) -> State:
+    """ArrayRecord -> torch tensors (copied: the received buffers are read-only)."""
+    return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
+
+
+# -- client side ----------------------------------------------------------------------------------
+_JOBS: dict[str, Job] = {}  # one job per process: the model and data load once, not per message
+
+
+def client_job(config_yaml: str) -> tuple[Job, float, float]:
+    """The process's job for this config, plus where a first message's time went: seconds from
+    process start to now (interpreter, imports) and seconds building the job (0, 0 when cached)."""
+    key = hashlib.sha256(config_yaml.encode()).hexdigest()
+    if key in _JOBS:
+        return _JOBS[key], 0.0, 0.0
+    started = time.time()
+    since_start = started - psutil.Process().create_time()
+    _JOBS.clear()
+    _JOBS[key] = build_job(build_config(yaml.safe_load(config_yaml)))
+    return _JOBS[key], since_start, time.time() - started
+
+
+def train_on_message(msg: Message, config_yaml: str) -> Message:
+    """One client's round: the state in the message in, the trained upload and figures out."""
+    job, start_s, load_s = client_job(config_yaml)
+    settings = msg.content["config"]
+    rnd, cid = int(settings["round"]), int(settings["cid"])
+    received = to_state(msg.content["arrays"])
+    job.method.prepare_client(job.model, rnd, cid)
+    started = time.perf_counter()
+    sent, result, compute_s = train_client(job, rnd, cid, received)
+    train_s = time.perf_counter() - started
+    metrics = MetricRecord(
+        {
+            "cid": cid,
+            "num-samples": result.num_samples,
+            "steps": result.steps,
+            "mean-loss": result.mean_loss,
+            "samples-seen": result.samples_seen,
+            "tokens-seen": result.tokens_seen,
+            "compute-s": compute_s,
+            "start-s": start_s,
+            "load-s": load_s,
+            "train-s": train_s,
+        }
+    )
+    content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(sent), "metrics": metrics})
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(config_yaml: str | None = None) -> ClientApp:
+    """The ClientApp; without ``config_yaml`` it reads the run's YAML from the run config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_on_message(msg, config_yaml or str(context.run_config[CONFIG_KEY]))
+
+    return app
+
+
+# -- server side ----------------------------------------------------------------------------------
+def connected_nodes(grid: Grid, minimum: int, wait_s: float | None = None) -> list[int]:
+    """The connected SuperNodes (sorted), once at least ``minimum`` are there; after ``wait_s``
+    seconds (None: no limit) whatever is connected, possibly none."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        log.info("waiting for SuperNodes: %d of %d connected", len(nodes), minimum)
+        time.sleep(1.0)
+    return nodes
+
+
+class FedpeftStrategy(Strategy):
+    """A fedpeft round as a Flower strategy (see the module docstring).
+
+    Flower's round ``r`` is fedpeft's round ``first_round + r - 1`` (so resumed runs continue
+    their numbering). ``finish_round`` is the strategy's ``evaluate_fn``: it evaluates the new
+    global state on the server and writes the metrics row, checkpoint and summary.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        run_dir: RunDir,
+        global_state: State,
+        history: list[dict[str, Any]],
+        first_round: int,
+        min_nodes: int,
+        on_event: ProgressHook,
+    ) -> None:
+        self.job, self.config, self.method = job, job.config, job.method
+        self.run_dir = run_dir
+        self.global_state = global_state
+        self.history = history
+        self.first_round = first_round
+        self.min_nodes = min_nodes
+        self.on_event = on_event
+        self.trainable = count_trainable(job.model)
+        self.total = sum(p.numel() for p in job.model.parameters())
+        self.report = RoundReport(0, [], train_loss=0.0)
+        self.failed: list[int] = []
+        self.down_bytes: dict[int, int] = {}
+        self.node_of: dict[int, int] = {}  # this round's client -> node
+        self.suspects: set[int] = set()  # nodes that missed the last round's deadline
+        self.client_wall: dict[str, list[float]] = {}  # clients' own timings, this round
+        self.started = self.sent_at = 0.0
+
+    def summary(self) -> None:
+        log.info(
+            "fedpeft %s (%s) over Flower: %d clients, %d per round",
+            self.method.name,
+            self.config.algorithm,
+            self.config.num_clients,
+            self.config.clients_per_round,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        rnd = self.first_round + server_round - 1
+        self.started = time.perf_counter()
+        self.on_event("round_start", {"round": rnd})
+        if server_round == 1:  # the federation forms: wait for min_nodes
+            connected = connected_nodes(grid, self.min_nodes)
+        else:  # nodes may have died: go on with those left, none after a round's timeout
+            connected = connected_nodes(grid, 1, self.config.flower.round_timeout_s)
+        # A node that just missed a deadline gets no clients this round (it may be dead; the
+        # SuperLink only notices after its heartbeats lapse); it is used again afterwards.
+        nodes = [n for n in connected if n not in self.suspects] or connected
+        clients = sample_clients(
+            self.config.seed, rnd, self.config.num_clients, self.config.clients_per_round
+        )
+        self.report = RoundReport(rnd, clients, train_loss=0.0)
+        self.down_bytes, self.node_of = {}, {}
+        messages = []
+        for i, cid in enumerate(clients if nodes else []):
+            sent = self.method.download(rnd, cid, self.global_state)
+            self.down_bytes[cid] = len(payload.encode(sent))
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord.from_torch_state_dict(sent),
+                    "config": ConfigRecord({"round": rnd, "cid": cid}),
+                }
+            )
+            self.node_of[cid] = nodes[i % len(nodes)]
+            messages.append(
+                Message(
+                    content,
+                    self.node_of[cid],
+                    MessageType.TRAIN,
+                    ttl=self.config.flower.round_timeout_s,
+                    group_id=str(rnd),
+                )
+            )
+        self.report.bytes_down = sum(self.down_bytes.values())
+        self.sent_at = time.perf_counter()
+        return messages
+
+    def _update(self, reply: Message) -> tuple[ClientUpdate, int] | None:
+        """A reply as a checked ClientUpdate and its payload bytes; None when it is unusable."""
+        if reply.has_error():
+            log.warning("a client failed: %s", reply.error.reason)
+            return None
+        metrics = reply.content["metrics"]
+        cid = int(metrics["cid"])
+        state = to_state(reply.content["arrays"])
+        blob = payload.encode(state)
+        expected = {name: t for name, t in self.global_state.items() if name in state}
+        try:
+            state = payload.decode(blob, expected=expected)
+        except payload.PayloadError as err:
+            log.warning("client %d sent an unusable update: %s", cid, err)
+            return None
+        result = LocalResult(
+            int(metrics["num-samples"]),
+            int(metrics["steps"]),
+            float(metrics["mean-loss"]),
+            int(metrics["samples-seen"]),
+            int(metrics["tokens-seen"]),
+        )
+        _device, network = self.job.profiles[cid]
+        seconds = float(metrics["compute-s"]) + cost.comm_time_s(
+            len(blob), self.down_bytes[cid], network
+        )
+        self.report.client_sim_s.append(seconds)
+        for key in ("start-s", "load-s", "train-s"):
+            self.client_wall[key].append(float(metrics[key]))
+        return ClientUpdate(cid, state, result.num_samples, result), len(blob)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = self.report
+        report.train_wall_s = time.perf_counter() - self.sent_at  # waiting on the clients
+        self.client_wall = {"start-s": [], "load-s": [], "train-s": []}
+        updates = []
+        for reply in replies:
+            checked = self._update(reply)
+            if checked is not None and checked[0].cid in self.down_bytes:
+                updates.append(checked[0])
+                report.bytes_up += checked[1]
+        # The embedded engine's order (sampled order), so the float sums match it exactly.
+        updates.sort(key=lambda u: report.clients.index(u.cid))
+        answered = {u.cid for u in updates}
+        self.failed = [cid for cid in report.clients if cid not in answered]
+        self.suspects = {self.node_of[cid] for cid in self.failed if cid in self.node_of}
+        report.extra["clients_failed"] = self.failed
+        # Where a client's wall time went (means over the answers): starting a process and
+        # loading the job (0 when the process had it already), then training.
+        for key, values in self.client_wall.items():
+            name = "client_" + key.replace("-s", "_s")
+            report.extra[name] = sum(values) / len(values) if values else None
+        for done, update in enumerate(updates, start=1):
+            info = {"round": report.rnd, "done": done, "of": len(report.clients)}
+            self.on_event("client", {**info, "loss": update.result.mean_loss})
+        if not updates:
+            log.warning("round %d: no client answered; the global state is unchanged", report.rnd)
+            report.train_loss = float("nan")
+            return None, None
+        samples = sum(u.result.samples_seen for u in updates)
+        report.train_loss = (
+            sum(u.result.mean_loss * u.result.samples_seen for u in updates) / samples
+        )
+        report.sim_time_s = cost.round_time_s(report.client_sim_s)
+        self.global_state = self.method.aggregate(report.rnd, self.global_state, updates)
+        metrics = MetricRecord({"train-loss": report.train_loss, "clients": len(updates)})
+        return ArrayRecord.from_torch_state_dict(self.global_state), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself (finish_round), as embedded
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the new global state and write the round's row, checkpoint and summary."""
+        if server_round == 0:
+            return None  # Flower's look at the starting weights; fedpeft rows start at round 1
+        job, history, rnd = self.job, self.history, self.report.rnd
+        load_trainable_state(job.model, self.global_state)
+        row = metrics_row(self.report, history)
+        evaluate_global(job, rnd, row)
+        wall = time.perf_counter() - self.started
+        previous = history[-1]["wall_time_total_s"] if history else 0.0
+        row.update(wall_time_s=wall, wall_time_total_s=previous + wall)
+        history.append(row)
+        self.run_dir.save_checkpoint(
+            Checkpoint(rnd, self.global_state, self.method.state_dict(), history, rng_state())
+        )
+        self.run_dir.write_metrics(history)
+        self.run_dir.write_summary(summarise(self.config, history, self.trainable, self.total))
+        self.on_event("round_end", row)
+        scores = {k: row[k] for k in ("accuracy", "macro_f1") if row.get(k) is not None}
+        return MetricRecord(scores)
+
+
+def serve(
+    grid: Grid,
+    job: Job,
+    run_dir: RunDir,
+    min_nodes: int = 1,
+    on_event: ProgressHook | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary."""
+    config = job.config
+    on_event = on_event or (lambda _kind, _info: None)
+    ckpt = run_dir.load_checkpoint()
+    if ckpt is None:
+        global_state, history, done = trainable_state(job.model), [], 0
+    else:
+        global_state, history, done = ckpt.global_state, ckpt.history, ckpt.round
+        job.method.load_state_dict(ckpt.method_state)
+        set_rng_state(ckpt.rng)
+        run_dir.write_metrics(history)
+        on_event("resume", {"round": done})
+    load_trainable_state(job.model, global_state)
+    strategy = FedpeftStrategy(job, run_dir, global_state, history, done + 1, min_nodes, on_event)
+    if done < config.rounds:
+        strategy.start(
+            grid,
+            ArrayRecord.from_torch_state_dict(global_state),
+            num_rounds=config.rounds - done,
+            timeout=config.flower.round_timeout_s,
+            evaluate_fn=strategy.finish_round,
+        )
+    load_trainable_state(job.model, strategy.global_state)
+    extra = personalized_scores(job) if config.personalized_eval else {}
+    summary = summarise(config, history, strategy.trainable, strategy.total, extra)
+    run_dir.write_summary(summary)
+    write_safetensors(run_dir.weights_path, strategy.global_state)
+    return summary
+
+
+# -- simulation -----------------------------------------------------------------------------------
+def stop_leftovers(processes: list[psutil.Process], grace_s: float = 10.0) -> None:
+    """Ray's actors outlive ``ray.shutdown`` by a few seconds: wait, then end them by PID."""
+    _gone, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+class FlowerEngine:
+    """``engine: flower``: the run through Flower's simulation runtime, in this process.
+
+    The ServerApp runs here on the job's model; each simulated client is a Flower node whose
+    ClientApp runs in a Ray actor with ``flower.num_cpus`` cores, building its own copy of the
+    job once per actor. Ray's processes stop when the simulation returns.
+    """
+
+    def __init__(self, job: Job, run: RunDir, on_event: ProgressHook | None = None):
+        check_supported(job.config)
+        self.job = job
+        self.run_dir = run
+        self.config = job.config
+        self.on_event = on_event or (lambda _kind, _info: None)
+
+    def backend_config(self) -> dict[str, Any]:
+        settings = self.config.flower
+        init_args: dict[str, Any] = {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",  # Ray's services talk over loopback only
+            "log_to_driver": False,
+            "object_store_memory": 256
+            * 1024
+            * 1024,  # messages are small; Ray's default is 30% of RAM
+        }
+        if settings.num_gpus:
+            init_args["num_gpus"] = torch.cuda.device_count()
+        return {
+            "client_resources": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+            "init_args": init_args,
+        }
+
+    def run(self) -> dict[str, Any]:
+        from flwr.simulation import run_simulation
+
+        outcome: dict[str, Any] = {}
+        server_app = ServerApp()
+
+        @server_app.main()
+        def main(grid: Grid, context: Context) -> None:
+            try:
+                outcome["summary"] = serve(
+                    grid, self.job, self.run_dir, self.config.num_clients, self.on_event
+                )
+            finally:  # Ray's processes, while they are still ours to name
+                outcome["ray"] = psutil.Process().children(recursive=True)
+
+        run_simulation(
+            server_app,
+            make_client_app(dump_config(self.config)),
+            num_supernodes=self.config.num_clients,
+            backend_config=self.backend_config(),
+        )
+        stop_leftovers(outcome.get("ray", []))
+        if "summary" not in outcome:
+            raise RuntimeError("the Flower simulation ended without finishing the run")
+        return outcome["summary"]

@@ -1,0 +1,45 @@
+"""The Flower app that ``flwr run`` deploys: ``server_app`` and ``client_app`` for any fedpeft run.
+
+``fedpeft flower prepare`` writes an app folder whose pyproject.toml names these two objects and
+carries the run in its run config: the resolved YAML (``fedpeft-config``) and the run folder on
+the SuperLink's host (``run-dir``). The ServerApp (``flwr-serverapp``, started by the SuperLink)
+writes that run folder, resuming it if it already holds finished rounds. Each SuperNode starts a
+``flwr-clientapp`` process per message, which builds the job from the YAML and trains one client.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.config import build_config
+from fedpeft.engine.flower import (
+    CONFIG_KEY,
+    RUN_DIR_KEY,
+    check_supported,
+    make_client_app,
+    serve,
+)
+from fedpeft.job import build_job
+from fedpeft.runs import RunDir
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    config_yaml = str(context.run_config[CONFIG_KEY])
+    config = build_config(yaml.safe_load(config_yaml))
+    check_supported(config)
+    path = Path(str(context.run_config[RUN_DIR_KEY]))
+    if (path / "config.yaml").is_file():
+        run_dir = RunDir.open(path)
+    else:
+        run_dir = RunDir.create(path, config_yaml)
+    serve(grid, build_job(config), run_dir, min_nodes=config.flower.min_nodes)
+
+
+client_app = make_client_app()

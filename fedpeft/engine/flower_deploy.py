@@ -1,0 +1,384 @@
+"""Deploying a fedpeft run on Flower: the app folder, TLS certificates and SuperNode keys, the
+SuperLink/SuperNode commands, and a federation of local processes for tests and benchmarks.
+
+A deployment is a SuperLink (``flower-superlink``), one SuperNode per client process
+(``flower-supernode``), and ``flwr run APP CONNECTION`` submitting the app that
+``fedpeft flower prepare`` writes. Security is on unless ``flower.insecure`` is set: the
+SuperLink serves TLS with a certificate signed by our CA, SuperNodes and the flwr CLI trust that
+CA, and only SuperNodes whose public keys were registered (``flwr supernode register``) may join.
+Runtime dependency installation stays off everywhere (fedpeft must already be installed on every
+host), and ``FLOWER_ENV`` turns off Flower's telemetry and update check.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedpeft.config import ConfigError, RunConfig, dump_config
+from fedpeft.engine.flower import CONFIG_KEY, FLOWER_ENV, RUN_DIR_KEY, check_supported
+
+CONNECTION = "fedpeft"  # the SuperLink connection's name in the app's flwr-home/config.toml
+
+
+# -- the app folder ---------------------------------------------------------------------------
+def write_app(app_dir: Path, config: RunConfig, run_dir: Path, ca_cert: Path | None = None) -> Path:
+    """A Flower app folder for this run: pyproject.toml naming fedpeft's ServerApp/ClientApp,
+    with the run's YAML and run folder in its run config, plus the flwr CLI's connection to
+    ``flower.superlink`` (trusting ``ca_cert``; without it, an insecure connection)."""
+    check_supported(config)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    pyproject = {
+        "project": {
+            "name": "fedpeft-run",
+            "version": "1.0.0",
+            "description": f"fedpeft run {config.run_name()} on Flower",
+            "license": "Apache-2.0",
+            # Empty on purpose: runtime installation is off; every host has fedpeft installed.
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedpeft",
+                    "components": {
+                        "serverapp": "fedpeft.engine.flower_app:server_app",
+                        "clientapp": "fedpeft.engine.flower_app:client_app",
+                    },
+                    "config": {
+                        CONFIG_KEY: dump_config(config),
+                        RUN_DIR_KEY: str(Path(run_dir).resolve()),
+                    },
+                }
+            }
+        },
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    ca = str(ca_cert) if ca_cert else None
+    write_connection(app_dir / "flwr-home", config.flower.superlink, ca)
+    return app_dir
+
+
+def write_connection(flwr_home: Path, address: str, root_certificates: str | None) -> Path:
+    """The flwr CLI's config.toml with one SuperLink connection, ``fedpeft``."""
+    connection: dict[str, object] = {"address": address}
+    if root_certificates:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
+    else:
+        connection["insecure"] = True
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    doc = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+# -- certificates and keys ------------------------------------------------------------------------
+@dataclass
+class Credentials:
+    """TLS and node-authentication files: ``fedpeft flower certs`` writes them."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: list[Path] = field(default_factory=list)  # private; the public key is KEY.pub
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _certificate(subject: str, public_key, issuer: str, signer, *, ca: bool, hosts=()) -> bytes:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if hosts:
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def make_credentials(
+    folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), num_nodes: int = 2
+) -> Credentials:
+    """A CA, a SuperLink certificate for ``hosts`` signed by it, and ``num_nodes`` SuperNode key
+    pairs (ECDSA P-384, OpenSSH format, as ``flower-supernode`` and ``flwr supernode`` expect)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    creds = Credentials(folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key")
+    creds.ca_cert.write_bytes(
+        _certificate("fedpeft CA", ca_key.public_key(), "fedpeft CA", ca_key, ca=True)
+    )
+    creds.server_cert.write_bytes(
+        _certificate(
+            "fedpeft SuperLink",
+            server_key.public_key(),
+            "fedpeft CA",
+            ca_key,
+            ca=False,
+            hosts=hosts,
+        )
+    )
+    creds.server_key.write_bytes(_pem_key(server_key))
+    for i in range(1, num_nodes + 1):
+        creds.node_keys.append(make_node_key(folder / f"supernode-{i}"))
+    for secret in (creds.server_key, *creds.node_keys):
+        secret.chmod(0o600)
+    return creds
+
+
+def read_credentials(folder: Path) -> Credentials:
+    """The files ``make_credentials`` wrote into ``folder``."""
+    creds = Credentials(folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key")
+    creds.node_keys = sorted(p.with_suffix("") for p in folder.glob("supernode-*.pub"))
+    missing = [p for p in (creds.ca_cert, creds.server_cert, creds.server_key) if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{missing[0]} not found: run `fedpeft flower certs {folder}` first "
+            "(or set flower.insecure=true for a loopback test)"
+        )
+    return creds
+
+
+def make_node_key(path: Path) -> Path:
+    """A SuperNode key pair: ``path`` (private) and ``path.pub`` (what the SuperLink registers)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    path.with_name(path.name + ".pub").write_bytes(public + b"\n")
+    return path
+
+
+# -- commands -------------------------------------------------------------------------------------
+def superlink_argv(host: str, port: int, creds: Credentials | None) -> list[str]:
+    argv = ["flower-superlink", "--host", host, "--port", str(port)]
+    argv.append("--disable-runtime-dependency-installation")
+    if creds is None:
+        return argv + ["--insecure"]
+    return argv + [
+        "--ssl-certfile",
+        str(creds.server_cert),
+        "--ssl-keyfile",
+        str(creds.server_key),
+        "--ssl-ca-certfile",
+        str(creds.ca_cert),
+        "--enable-supernode-auth",
+    ]
+
+
+def supernode_argv(
+    superlink: str, runtime_port: int, ca_cert: Path | None, key: Path | None
+) -> list[str]:
+    """A SuperNode; ``runtime_port`` is its local port for its ClientApp processes."""
+    argv = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port)]
+    argv += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
+    if key is not None:
+        argv += ["--auth-supernode-private-key", str(key)]
+    return argv
+
+
+def deployment_commands(app_dir: Path, config: RunConfig, creds: Credentials | None) -> str:
+    """The commands a user runs for a real deployment of the app in ``app_dir``."""
+    host, _, port = config.flower.superlink.rpartition(":")
+    home = f"FLWR_HOME={shlex.quote(str((app_dir / 'flwr-home').resolve()))}"
+    keys = creds.node_keys if creds else [None]
+    lines = ["# 1. on the SuperLink host", shlex.join(superlink_argv(host, int(port), creds))]
+    if creds:
+        lines += ["# 2. register each SuperNode's public key (from where you run flwr)"]
+        lines += [f"{home} flwr supernode register {k}.pub {CONNECTION}" for k in keys]
+    lines += ["# 3. on each client host (one SuperNode per client process)"]
+    for key in keys:
+        ca = creds.ca_cert if creds else None
+        lines.append(shlex.join(supernode_argv(config.flower.superlink, 9094, ca, key)))
+    lines += ["# 4. start the run; the run folder is written on the SuperLink host"]
+    lines.append(f"{home} flwr run {shlex.quote(str(app_dir))} {CONNECTION} --stream")
+    return "\n".join(lines) + "\n"
+
+
+# -- local processes ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: this venv's commands first, no network side-trips."""
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a process we started and everything it started, each by PID: TERM, then KILL."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(family, timeout=timeout)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    if proc.poll() is None:
+        proc.wait(timeout=timeout)
+
+
+class FlowerError(RuntimeError):
+    """A Flower process or command that failed, said in one line (details in the log named)."""
+
+
+class LocalFederation:
+    """A SuperLink and SuperNodes as processes on 127.0.0.1 with free ports.
+
+    For tests, benchmarks and ``fedpeft flower local``; with ``creds`` it runs with TLS and
+    node authentication, registering the first ``num_nodes`` keys. Logs go to ``work``; every
+    process (and its children) is stopped by PID when the context exits.
+    """
+
+    def __init__(self, work: Path, num_nodes: int = 2, creds: Credentials | None = None):
+        self.work = Path(work)
+        self.num_nodes = num_nodes
+        self.creds = creds
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.flwr_home = self.work / "flwr-home"
+        self.env = flower_env(self.flwr_home)
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
+        self.logs: dict[int, Path] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __enter__(self) -> LocalFederation:
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            ca = self.creds.ca_cert if self.creds else None
+            write_connection(self.flwr_home, self.address, str(ca) if ca else None)
+            argv = superlink_argv("127.0.0.1", self.port, self.creds)
+            self.superlink = self._spawn(argv, "superlink")
+            self._wait_for_port()
+            keys = self.creds.node_keys[: self.num_nodes] if self.creds else [None] * self.num_nodes
+            for key in keys:
+                if key is not None:
+                    self.register(key)
+                self.start_node(key)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in [*self.nodes, self.superlink]:
+            if proc is not None:
+                stop_process(proc)
+        self.nodes = []
+        self.superlink = None
+
+    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
+        log = self.work / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.work
+            )
+        self.logs[proc.pid] = log
+        return proc
+
+    def _wait_for_port(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise FlowerError(f"flower-superlink exited; see {self.work / 'superlink.log'}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise FlowerError(f"flower-superlink did not listen within {timeout:.0f}s")
+
+    # -- nodes ------------------------------------------------------------------------------------
+    def start_node(self, key: Path | None = None) -> subprocess.Popen:
+        """One more SuperNode (authenticating with ``key`` when given)."""
+        ca = self.creds.ca_cert if self.creds else None
+        argv = supernode_argv(self.address, free_port(), ca, key)
+        proc = self._spawn(argv, f"supernode-{len(self.nodes) + 1}")
+        self.nodes.append(proc)
+        return proc
+
+    def register(self, key: Path) -> None:
+        """Register a SuperNode's public key (``KEY.pub``) with the SuperLink."""
+        self.flwr(["supernode", "register", f"{key}.pub", CONNECTION], timeout=60)
+
+    def flwr(self, args: list[str], timeout: float) -> str:
+        """Run the flwr CLI against this federation; its output, or FlowerError."""
+        try:
+            done = subprocess.run(
+                ["flwr", *args],
+                env=self.env,
+                cwd=self.work,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as err:
+            raise FlowerError(f"flwr {args[0]} took more than {timeout:.0f}s") from err
+        if done.returncode != 0:
+            raise FlowerError(
+                f"flwr {' '.join(args)} failed: {done.stdout[-800:]}{done.stderr[-800:]}"
+            )
+        return done.stdout
+
+    def run(self, app_dir: Path, timeout: float = 600.0) -> str:
+        """Submit the app with ``flwr run`` and wait until the run ends; returns its log."""
+        return self.flwr(["run", str(app_dir), CONNECTION, "--stream"], timeout=timeout)

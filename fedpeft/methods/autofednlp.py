@@ -1,0 +1,249 @@
+"""AutoFedNLP / FedAdapter: adapters whose depth and width are configured during the run.
+
+Cai, Wu, Wang, Xu, Zhang, Wang, Liu. "Efficient Federated Learning for Modern NLP", MobiCom 2023
+(arXiv:2205.10162, earlier "AutoFedNLP" / "FedAdapter"). Reference code: UbiquitousLearning/FedAdapter.
+
+A configuration is (depth d, width w): bottleneck adapters of width w in the top d layers, the
+layers below frozen (d = 0 trains the classifier head only). Training runs in *trial periods*;
+one engine round here is one period:
+
+1. The client population is shuffled (seeded by the period) and split into three disjoint pools,
+   one per candidate, all starting from the current global weights:
+       shallow (d, w)     wide (d, min(w + step, max_width))     deep (d', w), d' = d + 1
+   (d' = ``depth_jump_from_zero`` when d = 0, as in the reference: one top layer barely helps).
+   A candidate equal to shallow (width or depth at its cap; wide at d = 0, where there are no
+   adapters to widen) is not run.
+2. Each candidate gets the same budget of simulated device time, T = tau * (4d + 1): it runs FedAvg
+   rounds of ``clients_per_round`` clients drawn from its pool while its elapsed time is below T,
+   so a cheaper candidate runs more rounds. The groups run side by side: the period lasts as long
+   as the slowest group; bytes of all groups count.
+3. The server scores each candidate on its held-out validation split. The best accuracy wins,
+   ties going to shallow, then wide, then deep (the cheaper configuration). Everyone continues
+   from the winner's weights and configuration.
+
+Upgrades keep the trained weights: deeper adds zero-up-projection adapters below the existing
+ones, wider appends bottleneck units with zero up-projection columns (``peft.adapter.set_layout``),
+so the model's output is unchanged at the moment of the upgrade. Because the frozen bottom only
+changes with depth, the activation cache (``fedpeft.cache``) stays valid across width changes.
+
+The period's metrics row carries ``depth`` / ``width`` (the winner's) and ``trial``: the
+candidates, the rounds each ran, their simulated time, validation accuracy, and the winner.
+Server-side validation is not charged to simulated time (the server is not the bottleneck).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fedpeft.algorithms.fedavg import weighted_average
+from fedpeft.methods.base import ClientRunner, ClientUpdate, RoundReport, State
+from fedpeft.peft.adapter import AdapterSettings, set_layout
+from fedpeft.peft.base import load_trainable_state, trainable_state
+
+
+class AutoFedNLPSettings(BaseModel):
+    """Defaults are the reference's (FedAdapter: start at depth 0, width 8, +8 up to 64)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_depth: int = Field(0, ge=0, description="depth of the first configuration")
+    start_width: int = Field(8, ge=1, description="adapter width of the first configuration")
+    tau: float = Field(
+        60.0, gt=0, description="simulated seconds; a trial period gets T = tau * (4d + 1)"
+    )
+    width_step: int = Field(8, ge=1, description="bottleneck units the wide candidate adds")
+    max_width: int = Field(64, ge=1, description="width cap")
+    max_depth: int | None = Field(None, ge=0, description="depth cap (default: all layers)")
+    depth_jump_from_zero: int = Field(
+        2, ge=1, description="depth the deep candidate tries when the current depth is 0"
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # shallow | wide | deep
+    depth: int
+    width: int
+
+
+# Tie order: the first listed wins a tie (cheapest first).
+ORDER = ("shallow", "wide", "deep")
+
+
+class AutoFedNLP:
+    name = "autofednlp"
+
+    def __init__(
+        self,
+        settings: AutoFedNLPSettings,
+        adapter: AdapterSettings,
+        num_layers: int,
+        clients_per_round: int,
+    ):
+        self.settings = settings
+        self.adapter = adapter
+        self.num_layers = num_layers
+        self.max_depth = min(settings.max_depth or num_layers, num_layers)
+        self.clients_per_round = clients_per_round
+        self.depth = min(settings.start_depth, self.max_depth)
+        self.width = settings.start_width
+
+    # -- the configuration search ---------------------------------------------------------------
+    def budget_s(self) -> float:
+        return self.settings.tau * (4 * self.depth + 1)
+
+    def candidates(self) -> list[Candidate]:
+        d, w, s = self.depth, self.width, self.settings
+        deeper = s.depth_jump_from_zero if d == 0 else d + 1
+        found = [Candidate("shallow", d, w)]
+        if d > 0 and w < s.max_width:
+            found.append(Candidate("wide", d, min(w + s.width_step, s.max_width)))
+        if d < self.max_depth:
+            found.append(Candidate("deep", min(deeper, self.max_depth), w))
+        return found
+
+    @staticmethod
+    def pick_winner(scores: Mapping[str, float]) -> str:
+        """Best validation accuracy; ties go to the earlier of shallow, wide, deep."""
+        best = None
+        for name in ORDER:
+            if name in scores and (best is None or scores[name] > scores[best]):
+                best = name
+        if best is None:
+            raise ValueError("no candidate was scored")
+        return best
+
+    def _shape(self, model: nn.Module, depth: int, width: int) -> None:
+        set_layout(model, depth, width, self.adapter)
+
+    def upgrade(self, model: nn.Module, state: State, candidate: Candidate, seed: int) -> State:
+        """The candidate's starting state: the current weights plus output-preserving new parts."""
+        self._shape(model, self.depth, self.width)
+        load_trainable_state(model, state)
+        torch.manual_seed(seed)  # the new down-projections' random init
+        self._shape(model, candidate.depth, candidate.width)
+        return trainable_state(model)
+
+    # -- one trial period -------------------------------------------------------------------------
+    def _pools(self, seed: int, rnd: int, num_clients: int, groups: int) -> list[np.ndarray]:
+        order = np.random.default_rng([seed, rnd, 1017]).permutation(num_clients)
+        return np.array_split(order, groups)
+
+    def _train_candidate(
+        self,
+        rnd: int,
+        group: int,
+        state: State,
+        pool: np.ndarray,
+        runner: ClientRunner,
+        budget: float,
+    ) -> dict[str, Any]:
+        elapsed, rounds, up, down, wall, loss_sum, seen, clients = 0.0, 0, 0, 0, 0.0, 0.0, 0, []
+        per_round = min(self.clients_per_round, len(pool))
+        while elapsed < budget:
+            rng = np.random.default_rng([runner.seed, rnd, group, rounds])
+            chosen = sorted(int(c) for c in rng.choice(pool, size=per_round, replace=False))
+            fits = [runner.fit(rnd, cid, state, stream=(group, rounds)) for cid in chosen]
+            updates: list[ClientUpdate] = [fit.update for fit in fits]
+            state = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+            elapsed += max(fit.sim_time_s for fit in fits)
+            up += sum(fit.bytes_up for fit in fits)
+            down += sum(fit.bytes_down for fit in fits)
+            wall += sum(fit.wall_s for fit in fits)
+            loss_sum += sum(u.result.mean_loss * u.result.samples_seen for u in updates)
+            seen += sum(u.result.samples_seen for u in updates)
+            clients += chosen
+            rounds += 1
+        return {
+            "state": state,
+            "rounds": rounds,
+            "sim_time_s": elapsed,
+            "bytes_up": up,
+            "bytes_down": down,
+            "train_wall_s": wall,
+            "train_loss": loss_sum / max(seen, 1),
+            "samples": seen,
+            "clients": clients,
+        }
+
+    def run_round(
+        self, rnd: int, global_state: State, runner: ClientRunner
+    ) -> tuple[State, RoundReport]:
+        model, budget = runner.model, self.budget_s()
+        candidates = self.candidates()
+        pools = self._pools(runner.seed, rnd, runner.num_clients, 3)
+        runs: dict[str, dict[str, Any]] = {}
+        for group, candidate in enumerate(candidates):
+            start = self.upgrade(model, global_state, candidate, seed=runner.seed * 1000 + rnd)
+            run = self._train_candidate(rnd, group, start, pools[group], runner, budget)
+            run["val_accuracy"] = runner.evaluate(run["state"], "validation").accuracy
+            runs[candidate.name] = run
+        winner_name = self.pick_winner({name: run["val_accuracy"] for name, run in runs.items()})
+        winner = next(c for c in candidates if c.name == winner_name)
+        previous = (self.depth, self.width)
+        self.depth, self.width = winner.depth, winner.width
+        new_state = runs[winner_name]["state"]
+        self.shape_model(model)
+        trial = {
+            "period": rnd,
+            "start": {"depth": previous[0], "width": previous[1]},
+            "budget_s": budget,
+            "candidates": [
+                {
+                    "name": c.name,
+                    "depth": c.depth,
+                    "width": c.width,
+                    **{k: v for k, v in runs[c.name].items() if k not in ("state", "clients")},
+                }
+                for c in candidates
+            ],
+            "winner": winner_name,
+        }
+        samples = sum(run["samples"] for run in runs.values())
+        report = RoundReport(
+            rnd=rnd,
+            clients=sorted({c for run in runs.values() for c in run["clients"]}),
+            train_loss=sum(run["train_loss"] * run["samples"] for run in runs.values()) / samples,
+            bytes_up=sum(run["bytes_up"] for run in runs.values()),
+            bytes_down=sum(run["bytes_down"] for run in runs.values()),
+            sim_time_s=max(run["sim_time_s"] for run in runs.values()),
+            train_wall_s=sum(run["train_wall_s"] for run in runs.values()),
+            extra={"depth": self.depth, "width": self.width, "trial": trial},
+        )
+        return new_state, report
+
+    def shape_model(self, model: nn.Module) -> None:
+        self._shape(model, self.depth, self.width)
+
+    # -- the default-round hooks: a client trains what it receives and sends it all back --------
+    def prepare_client(self, model: nn.Module, rnd: int, cid: int) -> None:
+        return None
+
+    def download(self, rnd: int, cid: int, global_state: State) -> State:
+        return global_state
+
+    def local_loss(self, params: Mapping[str, nn.Parameter], received: State) -> None:
+        return None
+
+    def after_backward(self, model: nn.Module, cid: int) -> None:
+        return None
+
+    def upload(self, rnd: int, cid: int, trained: State) -> State:
+        return trained
+
+    def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        return weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"depth": self.depth, "width": self.width}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.depth = state.get("depth", self.depth)
+        self.width = state.get("width", self.width)

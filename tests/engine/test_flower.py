@@ -1,0 +1,100 @@
+"""The Flower engine in simulation: parity with the embedded engine, config, the app folder."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedpeft.config import ConfigError, build_config, dump_config
+from fedpeft.engine.flower import FlowerEngine, check_supported
+from fedpeft.engine.flower_deploy import deployment_commands, make_credentials, write_app
+from fedpeft.engine.local import EmbeddedEngine
+from fedpeft.job import build_job
+from fedpeft.runs import RunDir
+from tests.conftest import tiny_config
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_simulation_matches_embedded_engine(tmp_path, toy_data):
+    """Same seed and config: the same global weights, bytes and scores from both engines."""
+    base = tiny_config(toy_data, method="lora", algorithm="fedavg", num_clients=4, rounds=2)
+    runs = {}
+    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
+        config = build_config({**base, "engine": engine})
+        run = RunDir.create(tmp_path / engine, dump_config(config))
+        runs[engine] = cls(build_job(config), run).run()
+    embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
+    flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    assert embedded.keys() == flower.keys()
+    for name in embedded:
+        assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
+    assert runs["flower"]["bytes_up_total"] == runs["embedded"]["bytes_up_total"] > 0
+    assert runs["flower"]["bytes_down_total"] == runs["embedded"]["bytes_down_total"]
+    rows_e, rows_f = metrics(tmp_path / "embedded"), metrics(tmp_path / "flower")
+    assert [r["clients"] for r in rows_f] == [r["clients"] for r in rows_e]
+    assert [r["accuracy"] for r in rows_f] == pytest.approx([r["accuracy"] for r in rows_e])
+    assert [r["clients_failed"] for r in rows_f] == [[], []]
+    assert runs["flower"]["complete"] and (tmp_path / "flower" / "checkpoint.json").is_file()
+
+
+def test_config_accepts_flower_and_validates_its_section(toy_data):
+    config = build_config(tiny_config(toy_data), ["engine=flower", "flower.round_timeout_s=30"])
+    assert config.engine == "flower" and config.flower.round_timeout_s == 30
+    with pytest.raises(ConfigError, match="engine"):
+        build_config(tiny_config(toy_data, engine="ray"))
+    with pytest.raises(ConfigError, match="round_timeout_s"):
+        build_config(tiny_config(toy_data), ["flower.round_timeout_s=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'flower.port'"):
+        build_config(tiny_config(toy_data), ["flower.port=1"])
+    with pytest.raises(ConfigError, match="quantize"):
+        check_supported(build_config(tiny_config(toy_data, engine="flower", quantize="int8")))
+
+
+def test_app_folder_carries_the_run_and_secure_commands(tmp_path, toy_data):
+    config = build_config(tiny_config(toy_data, engine="flower"))
+    app = write_app(tmp_path / "app", config, tmp_path / "run")
+    doc = tomllib.loads((app / "pyproject.toml").read_text())
+    flwr_app = doc["tool"]["flwr"]["app"]
+    assert flwr_app["components"]["serverapp"] == "fedpeft.engine.flower_app:server_app"
+    assert build_config(yaml.safe_load(flwr_app["config"]["fedpeft-config"])) == config
+    assert flwr_app["config"]["run-dir"] == str((tmp_path / "run").resolve())
+    assert doc["project"]["dependencies"] == []  # nothing for a runtime installer to fetch
+    creds = make_credentials(tmp_path / "certs", num_nodes=2)
+    secure_app = write_app(tmp_path / "secure", config, tmp_path / "run", creds.ca_cert)
+    connection = tomllib.loads((secure_app / "flwr-home" / "config.toml").read_text())
+    assert connection["superlink"]["fedpeft"]["root-certificates"] == str(creds.ca_cert)
+    assert "insecure" not in connection["superlink"]["fedpeft"]
+    commands = deployment_commands(secure_app, config, creds)
+    assert "--insecure" not in commands
+    assert "--enable-supernode-auth" in commands
+    assert "--disable-runtime-dependency-installation" in commands
+    assert commands.count("flwr supernode register") == 2
+    assert f"--root-certificates {creds.ca_cert}" in commands
+    assert (creds.node_keys[0].stat().st_mode & 0o077) == 0  # private keys are private
+
+
+def test_cli_certs_then_prepare(tmp_path, toy_data, capsys):
+    from fedpeft.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(toy_data, engine="flower")))
+    assert main(["flower", "certs", str(tmp_path / "certs"), "--nodes", "1"]) == 0
+    out = tmp_path / "run"
+    argv = ["flower", "prepare", str(config), "--certs", str(tmp_path / "certs"), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "flower-superlink" in printed and "--enable-supernode-auth" in printed
+    assert (out / "config.yaml").is_file() and (out / "partition.json").is_file()
+    assert (tmp_path / "run-flower-app" / "pyproject.toml").is_file()
+    missing = ["flower", "prepare", str(config), "--certs", str(tmp_path / "none")]
+    assert main([*missing, "--out", str(tmp_path / "run2")]) == 2  # no certificates: one line
+    assert not (tmp_path / "run2").exists()

@@ -1,0 +1,116 @@
+"""The Flower engine deployed: a SuperLink and SuperNodes as real processes on 127.0.0.1.
+
+Each test starts its own federation on free ports and stops every process by PID on the way out
+(``LocalFederation``'s exit runs even when the test fails). Per message a SuperNode starts a
+ClientApp process that loads the tiny model, so a round takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from fedpeft.config import build_config
+from fedpeft.engine.flower_deploy import (
+    LocalFederation,
+    make_credentials,
+    make_node_key,
+    write_app,
+)
+from tests.conftest import tiny_config
+
+
+def deploy_config(dataset: Path, **flower) -> dict:
+    settings = {"insecure": True, "min_nodes": 2, "round_timeout_s": 300, **flower}
+    return tiny_config(dataset, engine="flower", flower=settings)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def family(proc) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def assert_all_stopped(pids: list[int]) -> None:
+    alive = [
+        pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+    ]
+    assert alive == [], f"processes left running: {alive}"
+
+
+def test_two_supernodes_two_rounds(tmp_path, toy_data):
+    config = build_config(deploy_config(toy_data))
+    app = write_app(tmp_path / "app", config, tmp_path / "run")
+    with LocalFederation(tmp_path / "fed", num_nodes=2) as federation:
+        federation.run(app, timeout=600)
+        pids = [p.pid for proc in [federation.superlink, *federation.nodes] for p in family(proc)]
+    assert_all_stopped(pids)
+    rows = metrics(tmp_path / "run")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients_failed"] == [] and r["accuracy"] is not None for r in rows)
+    assert rows[1]["bytes_up_total"] == rows[0]["bytes_up"] + rows[1]["bytes_up"] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and (tmp_path / "run" / "weights.safetensors").is_file()
+
+
+def test_tls_and_node_auth_refuse_an_unregistered_node(tmp_path, toy_data):
+    creds = make_credentials(tmp_path / "creds", num_nodes=2)
+    config = build_config(deploy_config(toy_data, insecure=False))
+    app = write_app(tmp_path / "app", config, tmp_path / "run")
+    with LocalFederation(tmp_path / "fed", num_nodes=2, creds=creds) as federation:
+        stranger = federation.start_node(make_node_key(tmp_path / "stranger"))
+        federation.run(app, timeout=600)
+        assert stranger.wait(timeout=120) != 0  # the SuperLink does not know its key
+        log = federation.logs[stranger.pid].read_text()
+        assert "Failed to activate SuperNode" in log
+        listed = json.loads(
+            federation.flwr(["supernode", "list", "fedpeft", "--format", "json"], 60)
+        )
+        pids = [p.pid for proc in [federation.superlink, *federation.nodes] for p in family(proc)]
+    assert len(listed["nodes"]) == 2
+    assert "https://127.0.0.1" in (tmp_path / "fed" / "superlink.log").read_text()
+    assert [r["round"] for r in metrics(tmp_path / "run")] == [1, 2]
+    assert_all_stopped(pids)
+
+
+def kill_when_busy(federation: LocalFederation, node, stop: threading.Event) -> None:
+    """SIGKILL a SuperNode (and its ClientApp) once it has taken a training message."""
+    log = federation.logs[node.pid]
+    while not stop.is_set():
+        if "Receiving: train message" in log.read_text():
+            for proc in family(node):
+                proc.kill()
+            return
+        time.sleep(0.2)
+
+
+def test_a_dead_node_times_out_its_round_and_the_run_goes_on(tmp_path, toy_data):
+    config = build_config(deploy_config(toy_data, round_timeout_s=60))
+    app = write_app(tmp_path / "app", config, tmp_path / "run")
+    stop = threading.Event()
+    with LocalFederation(tmp_path / "fed", num_nodes=2) as federation:
+        victim = federation.nodes[1]
+        killer = threading.Thread(target=kill_when_busy, args=(federation, victim, stop))
+        killer.start()
+        try:
+            federation.run(app, timeout=600)
+        finally:
+            stop.set()
+            killer.join()
+        assert victim.poll() is not None
+    first, second = metrics(tmp_path / "run")
+    assert len(first["clients_failed"]) == 1  # the dead node's client; the other one counted
+    assert first["clients_failed"][0] in first["clients"]
+    assert first["bytes_up"] > 0 and first["accuracy"] is not None
+    assert second["clients_failed"] == []  # round 2 went to the node that answered
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]

@@ -1,0 +1,146 @@
+"""AutoFedNLP: candidates, tie-breaking, output-preserving upgrades, trial bookkeeping, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedpeft.client import forward_logits
+from fedpeft.config import ConfigError, build_config
+from fedpeft.data.sources import load_source
+from fedpeft.data.tokenize import tokenize
+from fedpeft.methods.autofednlp import AutoFedNLP, AutoFedNLPSettings, Candidate
+from fedpeft.models import TinySpec, load_model
+from fedpeft.peft import adapter
+from fedpeft.peft.base import trainable_parameters, trainable_state
+from tests.conftest import tiny_config
+from tests.engine.test_local import metrics, run_once
+
+TINY4 = TinySpec(layers=4)
+
+
+def _method(**settings) -> AutoFedNLP:
+    return AutoFedNLP(AutoFedNLPSettings(**settings), adapter.AdapterSettings(), 4, 2)
+
+
+def test_candidates_follow_the_reference():
+    m = _method()
+    assert m.candidates() == [Candidate("shallow", 0, 8), Candidate("deep", 2, 8)]  # 0 -> 2
+    m.depth, m.width = 2, 8
+    assert m.candidates() == [
+        Candidate("shallow", 2, 8),
+        Candidate("wide", 2, 16),
+        Candidate("deep", 3, 8),
+    ]
+    m.depth, m.width = 4, 64  # both at their caps: only shallow remains
+    assert m.candidates() == [Candidate("shallow", 4, 64)]
+    assert _method(depth_jump_from_zero=1).candidates()[-1] == Candidate("deep", 1, 8)
+    m.depth = 3
+    assert m.budget_s() == pytest.approx(60 * 13)
+
+
+def test_ties_go_to_shallow_then_wide_then_deep():
+    pick = AutoFedNLP.pick_winner
+    assert pick({"shallow": 0.5, "wide": 0.5, "deep": 0.5}) == "shallow"
+    assert pick({"shallow": 0.4, "wide": 0.5, "deep": 0.5}) == "wide"
+    assert pick({"shallow": 0.4, "wide": 0.4, "deep": 0.5}) == "deep"
+
+
+@pytest.mark.parametrize("candidate", [Candidate("deep", 2, 8), Candidate("wide", 1, 16)])
+def test_upgrade_keeps_weights_and_output(toy_data, candidate):
+    model, tokenizer = load_model("tiny", 4, tiny=TINY4)
+    model = adapter.inject(model, adapter.AdapterSettings(depth=1, width=8))
+    for p in trainable_parameters(model).values():  # a trained state, not the identity init
+        torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+    batch = tokenize(load_source(str(toy_data)).test, tokenizer, 24).batch(range(12))
+    before, state = forward_logits(model, batch), trainable_state(model)
+
+    m = _method()
+    m.depth, m.width = 1, 8
+    upgraded = m.upgrade(model, state, candidate, seed=0)
+    after = forward_logits(model, batch)
+    assert torch.allclose(before, after, atol=1e-6)
+    assert len(adapter.adapters(model)) == candidate.depth
+    assert all(a.width == candidate.width for a in adapter.adapters(model))
+    for name, value in state.items():  # trained weights survive, inside the grown tensors
+        grown = upgraded[name]
+        assert torch.equal(grown[tuple(slice(0, n) for n in value.shape)], value), name
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="validation_size"):
+        build_config({"method": "autofednlp", "num_clients": 30, "clients_per_round": 5})
+    with pytest.raises(ConfigError, match="3 trial groups"):
+        build_config({"method": "autofednlp", "num_clients": 10, "validation_size": 10})
+
+
+def _auto_config(toy_data, **overrides):
+    settings = {
+        "method": "autofednlp",
+        "num_clients": 12,
+        "clients_per_round": 2,
+        "rounds": 3,
+        "validation_size": 40,
+        "autofednlp": {"tau": 0.001, "start_depth": 1},
+        "activation_cache": {"enabled": True, "dtype": "fp32"},
+        "cost": {"devices": ["jetson_tx2"], "networks": ["reference_1mbps"]},
+    }
+    return tiny_config(toy_data, **{**settings, **overrides})
+
+
+def test_run_records_every_trial(tmp_path, toy_data):
+    summary, run = run_once(tmp_path / "auto", **_auto_config(toy_data))
+    rows = metrics(run)
+    trials = [json.loads(line) for line in (run.path / "trials.jsonl").read_text().splitlines()]
+    assert len(rows) == len(trials) == 3
+    for row, trial in zip(rows, trials, strict=True):
+        for key in ("train_loss", "accuracy", "macro_f1", "bytes_up", "sim_time_s", "wall_time_s"):
+            assert row[key] is not None
+        names = [c["name"] for c in trial["candidates"]]
+        assert names[0] == "shallow" and trial["winner"] in names
+        winner = next(c for c in trial["candidates"] if c["name"] == trial["winner"])
+        assert (row["depth"], row["width"]) == (winner["depth"], winner["width"])
+        assert all(c["rounds"] >= 1 and 0 <= c["val_accuracy"] <= 1 for c in trial["candidates"])
+        # same simulated budget: each candidate stops once it has used it up
+        assert all(c["sim_time_s"] >= trial["budget_s"] for c in trial["candidates"])
+        assert row["sim_time_s"] == max(c["sim_time_s"] for c in trial["candidates"])
+        assert row["bytes_up"] == sum(c["bytes_up"] for c in trial["candidates"])
+    for previous, trial in zip(trials, trials[1:], strict=False):
+        winner = next(c for c in previous["candidates"] if c["name"] == previous["winner"])
+        assert trial["start"] == {"depth": winner["depth"], "width": winner["width"]}
+    weights = load_file(str(run.weights_path))
+    assert sum(t.numel() for t in weights.values()) == summary["trainable_params"]
+
+
+def test_trial_groups_are_disjoint(tmp_path, toy_data):
+    m = _method()
+    pools = m._pools(seed=0, rnd=1, num_clients=12, groups=3)
+    assert sum(len(p) for p in pools) == 12
+    assert not (set(pools[0]) & set(pools[1]) or set(pools[1]) & set(pools[2]))
+
+
+def test_resume_matches_uninterrupted(tmp_path, toy_data):
+    from fedpeft.config import dump_config
+    from fedpeft.engine.local import EmbeddedEngine
+    from fedpeft.job import build_job
+    from fedpeft.runs import RunDir
+
+    config = _auto_config(toy_data, rounds=2)
+    run_once(tmp_path / "ref", **config)
+    cfg = build_config(config)
+    run = RunDir.create(tmp_path / "cut", dump_config(cfg))
+
+    def stop_in_period_2(kind, info):
+        if kind == "round_start" and info["round"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddedEngine(build_job(cfg), run, on_event=stop_in_period_2).run()
+    EmbeddedEngine(build_job(cfg), run).run()
+    ref = load_file(str(tmp_path / "ref" / "weights.safetensors"))
+    got = load_file(str(run.weights_path))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
