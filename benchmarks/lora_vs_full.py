@@ -5,7 +5,7 @@ clients with label skew (alpha 1), 5 clients per round, 1 local epoch, batch 32,
 test rows scored every round. Reported per round: accuracy, cumulative bytes and simulated time;
 the overlay plots land next to the table.
 
-    .venv/bin/python benchmarks/lora_vs_full.py [--rounds 10] [--out benchmarks/results]
+    .venv/bin/python benchmarks/lora_vs_full.py [--rounds 6] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ COMMON = {
     "partition": "dirichlet",
     "alpha": 1.0,
     "max_train_samples": 2000,
-    "max_test_samples": 1000,
+    "max_test_samples": 500,
     "seed": 0,
     "target_accuracy": 0.8,
     "threads": 2,
@@ -61,7 +61,7 @@ def run_case(name: str, rounds: int, runs_dir: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--runs", default="runs/bench-lora-vs-full")
     args = parser.parse_args()
@@ -90,7 +90,7 @@ def main() -> None:
         [
             comparison_table(records),
             "",
-            "Per round (accuracy on 1,000 test rows; cumulative bytes up+down; cumulative simulated time):",
+            "Per round (accuracy on 500 test rows; cumulative bytes up+down; cumulative simulated time):",
             "",
             *rows,
             "",

@@ -119,12 +119,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_STUDIES = ("autofednlp",)
+BENCH_STUDIES = ("autofednlp", "fedpetuning")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Import ``benchmarks/<study>.py`` from the repository and call its ``main(quick, out)``."""
+    """Import ``benchmarks/<study>.py`` from the repository and call its ``main(quick, out)``,
+    plus ``--only``/``--part``/``--report-only`` for studies whose ``main`` takes them."""
     import importlib
+    import inspect
 
     from fedpeft.paths import REPO_ROOT
 
@@ -134,7 +136,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     sys.path.insert(0, str(folder))  # by name, so worker processes can import it too
     module = importlib.import_module(args.study)
-    module.main(quick=args.quick, out=Path(args.out) if args.out else None)
+    extra = {"only": args.only, "part": args.part, "report_only": args.report_only}
+    extra = {key: value for key, value in extra.items() if value}
+    accepted = inspect.signature(module.main).parameters
+    unsupported = [key for key in extra if key not in accepted]
+    if unsupported:
+        flags = ", ".join("--" + key.replace("_", "-") for key in unsupported)
+        print(f"error: study {args.study} does not take {flags}", file=sys.stderr)
+        return 2
+    module.main(quick=args.quick, out=Path(args.out) if args.out else None, **extra)
     return 0
 
 
@@ -269,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("study", choices=BENCH_STUDIES, help="which study")
     bench.add_argument("--quick", action="store_true", help="tiny model, seconds: a plumbing check")
     bench.add_argument("--out", help="results folder (default: benchmarks/results)")
+    bench.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=V1[,V2]",
+        help="run only matching cells, e.g. dataset=rte or method=lora,full (repeatable; fedpetuning)",
+    )
+    bench.add_argument(
+        "--part", metavar="I/N", help="run the I-th of N slices of the cells (fedpetuning)"
+    )
+    bench.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from finished cells only"
+    )
     bench.set_defaults(func=cmd_bench)
 
     flower = sub.add_parser("flower", help="run on Flower: prepare a deployment, certificates")
