@@ -62,7 +62,9 @@ def main() -> None:
         return
     results = {}
     # an untimed first run fills the tokenisation cache, so every measured case loads it alike
-    subprocess.run([sys.executable, __file__, "--child", "lora", "10"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, __file__, "--child", "lora", "10"], check=True, capture_output=True
+    )
     for method in ("lora", "full"):
         for clients in (10, 1000):
             out = (

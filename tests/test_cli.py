@@ -51,9 +51,16 @@ def test_run_then_report_then_refuse_overwrite(tmp_path, toy_data, capsys):
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| run |" in printed and str(out) in printed
-    for name in ("metrics.jsonl", "summary.json", "weights.safetensors", "partition.json",
-                 "partition.png", "accuracy_vs_round.png", "accuracy_vs_sim_time.png",
-                 "accuracy_vs_bytes.png"):
+    for name in (
+        "metrics.jsonl",
+        "summary.json",
+        "weights.safetensors",
+        "partition.json",
+        "partition.png",
+        "accuracy_vs_round.png",
+        "accuracy_vs_sim_time.png",
+        "accuracy_vs_bytes.png",
+    ):
         assert (out / name).is_file(), name
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
