@@ -397,7 +397,8 @@ def serve(
 
 # -- simulation -----------------------------------------------------------------------------------
 def stop_leftovers(processes: list[psutil.Process], grace_s: float = 10.0) -> None:
-    """Ray's actors outlive ``ray.shutdown`` by a few seconds: wait, then end them by PID."""
+    """Wait ``grace_s`` for processes to end (Ray's actors outlive ``ray.shutdown`` by a few
+    seconds; TERM-ed nodes flush), then end the rest by PID."""
     _gone, alive = psutil.wait_procs(processes, timeout=grace_s)
     for proc in alive:
         try:

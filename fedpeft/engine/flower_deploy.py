@@ -32,7 +32,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpeft.config import ConfigError, RunConfig, dump_config
-from fedpeft.engine.flower import CONFIG_KEY, FLOWER_ENV, RUN_DIR_KEY, check_supported
+from fedpeft.engine.flower import (
+    CONFIG_KEY,
+    FLOWER_ENV,
+    RUN_DIR_KEY,
+    check_supported,
+    stop_leftovers,
+)
 
 CONNECTION = "fedpeft"  # the SuperLink connection's name in the app's flwr-home/config.toml
 
@@ -266,13 +272,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             member.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _gone, alive = psutil.wait_procs(family, timeout=timeout)
-    for member in alive:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
+    stop_leftovers(family, timeout)
     if proc.poll() is None:
         proc.wait(timeout=timeout)
 
