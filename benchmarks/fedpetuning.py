@@ -610,8 +610,7 @@ def _accuracy_tables(main_cells: dict, s: dict[str, Any]) -> list[str]:
         lines += [
             f"**{dataset}**",
             "",
-            "| method | " + " | ".join(_skew_label(k) for k in s["skews"]) + " |",
-            "|---|" + "---|" * len(s["skews"]),
+            *_skew_header(s["skews"]),
         ]
         for method in METHODS:
             row = []
@@ -628,6 +627,14 @@ def _skew_label(skew: str) -> str:
     return "iid" if skew == "iid" else f"alpha {skew[1:]}"
 
 
+def _skew_header(skews: list[str]) -> list[str]:
+    """The two header lines of a method x skew table."""
+    return [
+        "| method | " + " | ".join(_skew_label(k) for k in skews) + " |",
+        "|---|" + "---|" * len(skews),
+    ]
+
+
 def _gap(main_cells: dict, dataset: str, method: str, skew: str) -> float | None:
     ours = _accuracy(main_cells.get((dataset, method, skew)))
     full = _accuracy(main_cells.get((dataset, "full", skew)))
@@ -640,8 +647,7 @@ def _gap_table(main_cells: dict, s: dict[str, Any]) -> list[str]:
         "",
         "Paper (RTE) in brackets. Negative: behind full fine-tuning.",
         "",
-        "| method | " + " | ".join(_skew_label(k) for k in s["skews"]) + " |",
-        "|---|" + "---|" * len(s["skews"]),
+        *_skew_header(s["skews"]),
     ]
     for method in METHODS[1:]:
         row = []
@@ -705,8 +711,7 @@ def _target_tables(main_cells: dict, s: dict[str, Any]) -> list[str]:
         lines += [
             f"**{dataset}**",
             "",
-            "| method | " + " | ".join(_skew_label(k) for k in s["skews"]) + " |",
-            "|---|" + "---|" * len(s["skews"]),
+            *_skew_header(s["skews"]),
         ]
         for method in METHODS:
             row = []
