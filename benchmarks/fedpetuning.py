@@ -14,7 +14,8 @@ config.yaml, metrics.jsonl and summary.json (checkpoints and weights are deleted
 can be committed. The report (``<out>.md`` beside the folder, plots ``<out>_*.png``) is rewritten
 after every sitting from whatever cells exist; missing ones show as "—" and are counted.
 
-Learning rate. Per method, a 3-value slice of the paper's grid {5e-5 ... 1e-2} (``LR_GRID``) runs
+Learning rate. Per method, a 3- or 4-value slice of the paper's grid {5e-5 ... 1e-2} (``LR_GRID``;
+full and adapter got a 4th value after their first winner sat at the top of the slice) runs
 ``LR_SELECTION['rounds']`` rounds on ag_news (Dirichlet alpha 1, 10 clients); the winner is the
 lr with the best accuracy on the server-held *validation* rows (never test), written to
 ``lr_selection.json`` and reused by every cell of that method. The paper tunes per setting; one
@@ -93,8 +94,8 @@ COMMON: dict[str, Any] = {
     "seed": 0,
 }
 LR_GRID = {  # slices of the paper's grid {5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2}
-    "full": [5e-5, 1e-4, 5e-4],
-    "adapter": [5e-4, 1e-3, 5e-3],
+    "full": [5e-5, 1e-4, 5e-4, 1e-3],  # 1e-3 added after 5e-4 won at the top of the slice
+    "adapter": [5e-4, 1e-3, 5e-3, 1e-2],  # 1e-2 added likewise
     "lora": [1e-3, 5e-3, 1e-2],
     "prefix": [1e-3, 5e-3, 1e-2],
     "bitfit": [1e-3, 5e-3, 1e-2],
@@ -121,7 +122,7 @@ QUICK: dict[str, Any] = {  # tiny random BERT, a few hundred rows: plumbing, not
         "eval_every": 1,
         "threads": 1,
     },
-    "lr_grid": {m: LR_GRID[m][1:] for m in LR_GRID},
+    "lr_grid": {m: LR_GRID[m][-2:] for m in LR_GRID},
     "lr_rounds": 2,
 }
 
@@ -418,7 +419,8 @@ def main(
                 what = "FAILED (left for the next sitting):\n" + traceback.format_exc(limit=3)
             print(f"  [{i}/{len(todo)}] {cell.folder}: {what}", flush=True)
     write_json(out / "lr_selection.json", select_lrs(out, cells))
-    page = write_report(out, quick, time.perf_counter() - started)
+    page = write_report(out, quick)
+    print(f"sitting: {_duration(time.perf_counter() - started)}")
     print(f"report: {page}")
     return page
 
@@ -496,7 +498,7 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def write_report(out: Path, quick: bool, elapsed_s: float = 0.0) -> Path:
+def write_report(out: Path, quick: bool) -> Path:
     """The markdown page and plots from whatever cells are finished (the rest shows as —)."""
     s = _settings(quick)
     found = _load_cells(out, quick)
@@ -563,8 +565,13 @@ def write_report(out: Path, quick: bool, elapsed_s: float = 0.0) -> Path:
     lines += _pattern(main_cells, found, s)
     plots = _plots(main_cells, s, out.parent, plot_prefix)
     lines += [f"![{title}]({path.name})" for title, path in plots] + [""]
-    if elapsed_s:
-        lines += [f"This sitting took {_duration(elapsed_s)} of wall-clock time.", ""]
+    walls = [v.get("wall_time_total_s") or 0.0 for v in found.values()]
+    lines += [
+        f"Compute: the {len(found)} finished cells ran for {_duration(sum(walls))} of wall-clock "
+        "time together (the sum of their own run times; sittings add start-up and may run parts "
+        "side by side).",
+        "",
+    ]
     page.parent.mkdir(parents=True, exist_ok=True)
     from fedpeft.runs import write_text
 
