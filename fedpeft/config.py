@@ -44,6 +44,19 @@ class FedOptSettings(_Strict):
     tau: float = Field(1e-3, gt=0, description="adaptivity / numerical floor")
 
 
+class RobustSettings(_Strict):
+    """Robust aggregation (fedpeft/algorithms/robust.py).
+
+    ``trim_ratio`` is used by ``algorithm: trimmed_mean``: floor(trim_ratio x clients that
+    replied) values are dropped at each end per coordinate, so with 5 clients a round 0.2 drops one
+    and 0.1 drops none. ``clip_norm`` applies under every algorithm: each client's update
+    (returned minus received, all exchanged tensors together) is scaled down to this L2 norm.
+    """
+
+    trim_ratio: float = Field(0.2, ge=0, lt=0.5, description="share trimmed at each end")
+    clip_norm: float | None = Field(None, gt=0, description="bound on an update's L2 norm")
+
+
 class CostSettings(_Strict):
     """Simulated devices and networks; profiles are assigned to clients by seeded draw."""
 
@@ -155,6 +168,7 @@ class RunConfig(_Strict):
     full: FullSettings = Field(default_factory=FullSettings)
     fedprox: FedProxSettings = Field(default_factory=FedProxSettings)
     fedopt: FedOptSettings = Field(default_factory=FedOptSettings)
+    robust: RobustSettings = Field(default_factory=RobustSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     autofednlp: AutoFedNLPSettings = Field(default_factory=AutoFedNLPSettings)

@@ -90,6 +90,8 @@ def build_method(config: RunConfig, num_layers: int | None = None) -> FederatedM
         beta1=config.fedopt.beta1,
         beta2=config.fedopt.beta2,
         tau=config.fedopt.tau,
+        trim_ratio=config.robust.trim_ratio,
+        clip_norm=config.robust.clip_norm,
     )
     return FedPETuning(algorithm)
 

@@ -17,6 +17,20 @@ def test_defaults_and_nested_overrides():
     assert config.method_settings() is config.lora
 
 
+def test_robust_settings_reach_the_server_algorithm():
+    from fedpeft.job import build_method
+
+    config = build_config(
+        {"algorithm": "trimmed_mean", "robust": {"trim_ratio": 0.25, "clip_norm": 2.0}}
+    )
+    algorithm = build_method(config, num_layers=6).algorithm
+    assert (algorithm.name, algorithm.trim_ratio, algorithm.clip_norm) == (
+        "trimmed_mean",
+        0.25,
+        2.0,
+    )
+
+
 def test_round_trip_through_yaml(tmp_path):
     config = build_config({"method": "adapter", "adapter": {"width": 16, "depth": 3}})
     path = tmp_path / "c.yaml"
@@ -40,6 +54,8 @@ def test_round_trip_through_yaml(tmp_path):
         ({}, ["rounds"], "--set expects key=value"),
         ({}, ["lr.x=1"], "lr: Input should be a valid number"),
         ({}, ["partition=weird"], "partition:"),
+        ({"algorithm": "trimmed_mean"}, ["robust.trim_ratio=0.5"], "robust.trim_ratio:"),
+        ({}, ["robust.clip_norm=0"], "robust.clip_norm:"),
     ],
 )
 def test_errors_are_one_line_and_name_the_key(data, overrides, message):

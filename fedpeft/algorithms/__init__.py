@@ -1,8 +1,9 @@
 """Server-side FL algorithms behind one small object, so the engines never branch on the algorithm.
 
-The arithmetic lives in pure functions (``fedavg``, ``fedprox``, ``fedopt``), shared by the embedded
-and the Flower engine. ``ServerAlgorithm`` adds only what a run needs around them: the server
-optimiser's state between rounds (FedOpt), the client's extra loss term (FedProx), and checkpoints.
+The arithmetic lives in pure functions (``fedavg``, ``fedprox``, ``fedopt``, ``robust``), shared by
+the embedded and the Flower engine. ``ServerAlgorithm`` adds only what a run needs around them: the
+server optimiser's state between rounds (FedOpt), the client's extra loss term (FedProx), optional
+norm clipping of client updates, and checkpoints.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from fedpeft.algorithms.fedopt import (
     fedopt_step,
 )
 from fedpeft.algorithms.fedprox import proximal_term
+from fedpeft.algorithms.robust import clip_updates, coordinate_median, trimmed_mean
 
-ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", *FEDOPT_KINDS)
+ROBUST_KINDS: tuple[str, ...] = ("median", "trimmed_mean")
+ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", *FEDOPT_KINDS, *ROBUST_KINDS)
 
 
 class ServerAlgorithm:
     """One per run: FedAvg aggregation, optionally followed by a FedOpt server step (fedadam,
-    fedyogi, fedadagrad) or paired with a FedProx client term. Build it with ``make_algorithm``."""
+    fedyogi, fedadagrad) or paired with a FedProx client term; or a robust rule (median,
+    trimmed_mean) in its place. ``clip_norm`` bounds every client's update norm first, whatever the
+    rule. Build it with ``make_algorithm``."""
 
     def __init__(
         self,
@@ -39,6 +44,8 @@ class ServerAlgorithm:
         beta1: float = DEFAULT_BETA1,
         beta2: float = DEFAULT_BETA2,
         tau: float = DEFAULT_TAU,
+        trim_ratio: float = 0.2,
+        clip_norm: float | None = None,
     ) -> None:
         if name not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
@@ -46,7 +53,13 @@ class ServerAlgorithm:
             raise ValueError(f"FedProx mu must be >= 0, got {mu}")
         if name in FEDOPT_KINDS:
             check_fedopt_hparams(name, eta, beta1, beta2, tau)
+        if name == "trimmed_mean":
+            if not 0 <= trim_ratio < 0.5:
+                raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 (or None), got {clip_norm}")
         self.name = name
+        self.trim_ratio, self.clip_norm = trim_ratio, clip_norm
         self.mu = mu
         self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
         self._opt_state: dict = {}
@@ -55,6 +68,12 @@ class ServerAlgorithm:
         self, global_state: State, client_states: list[State], num_samples: list[int]
     ) -> State:
         """The next global state from this round's client states (only the exchanged tensors)."""
+        if self.clip_norm is not None:
+            client_states = clip_updates(global_state, client_states, self.clip_norm)
+        if self.name == "median":
+            return coordinate_median(global_state, client_states)
+        if self.name == "trimmed_mean":
+            return trimmed_mean(global_state, client_states, self.trim_ratio)
         averaged = fedavg(global_state, client_states, num_samples)
         if self.name not in FEDOPT_KINDS:
             return averaged
@@ -97,6 +116,8 @@ class ServerAlgorithm:
                 f"ServerAlgorithm({self.name!r}, eta={self.eta}, beta1={self.beta1}, "
                 f"beta2={self.beta2}, tau={self.tau})"
             )
+        if self.name == "trimmed_mean":
+            return f"ServerAlgorithm('trimmed_mean', trim_ratio={self.trim_ratio})"
         return f"ServerAlgorithm({self.name!r})"
 
 
@@ -108,18 +129,33 @@ def make_algorithm(
     beta1: float = DEFAULT_BETA1,
     beta2: float = DEFAULT_BETA2,
     tau: float = DEFAULT_TAU,
+    trim_ratio: float = 0.2,
+    clip_norm: float | None = None,
 ) -> ServerAlgorithm:
     """Build the server algorithm named in the run config (one of ``ALGORITHMS``)."""
-    return ServerAlgorithm(name, mu=mu, eta=eta, beta1=beta1, beta2=beta2, tau=tau)
+    return ServerAlgorithm(
+        name,
+        mu=mu,
+        eta=eta,
+        beta1=beta1,
+        beta2=beta2,
+        tau=tau,
+        trim_ratio=trim_ratio,
+        clip_norm=clip_norm,
+    )
 
 
 __all__ = [
     "ALGORITHMS",
+    "ROBUST_KINDS",
     "ServerAlgorithm",
     "State",
+    "clip_updates",
+    "coordinate_median",
     "fedavg",
     "fedopt_step",
     "make_algorithm",
     "proximal_term",
+    "trimmed_mean",
     "weighted_average",
 ]

@@ -32,7 +32,15 @@ def run(algo, client_rounds, state=None):
 
 
 def test_names():
-    assert ALGORITHMS == ("fedavg", "fedprox", "fedadagrad", "fedadam", "fedyogi")
+    assert ALGORITHMS == (
+        "fedavg",
+        "fedprox",
+        "fedadagrad",
+        "fedadam",
+        "fedyogi",
+        "median",
+        "trimmed_mean",
+    )
     for name in ALGORITHMS:
         assert make_algorithm(name).name == name
 
