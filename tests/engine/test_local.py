@@ -87,7 +87,9 @@ def test_client_sampling_is_seeded_per_round():
     assert len(set(sample_clients(0, 1, 100, 10))) == 10
 
 
-@pytest.mark.parametrize("algorithm", ["fedprox", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize(
+    "algorithm", ["fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean"]
+)
 def test_other_algorithms_run(tmp_path, toy_data, algorithm):
     summary, _ = run_once(tmp_path / algorithm, **tiny_config(toy_data, algorithm=algorithm))
     assert summary["rounds_completed"] == 2
