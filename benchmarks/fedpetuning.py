@@ -586,8 +586,11 @@ def _lr_table(selection: dict[str, Any], lr_grid: dict[str, list[float]], rounds
         f"{rounds}-round runs on {LR_SELECTION['dataset']} (alpha 1); validation "
         "accuracy (%) per lr, the winner in bold. Test rows are never read here.",
         "",
-        "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | chosen |",
-        "|---|---|---|---|---|",
+    ]
+    width = max(len(lr_grid[m]) for m in METHODS)
+    lines += [
+        "| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " | chosen |",
+        "|---|" + "---|" * (width + 1),
     ]
     for method in METHODS:
         scores = selection["validation_accuracy"].get(method, {})
@@ -597,7 +600,7 @@ def _lr_table(selection: dict[str, Any], lr_grid: dict[str, list[float]], rounds
             score = scores.get(f"{lr:g}")
             text = f"{lr:g}: {_pct(score)}"
             cells.append(f"**{text}**" if winner == lr else text)
-        cells += [""] * (3 - len(cells))
+        cells += [""] * (width - len(cells))
         lines.append(
             f"| {method} | "
             + " | ".join(cells)
