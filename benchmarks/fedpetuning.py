@@ -762,6 +762,41 @@ def _scale_table(found: dict, s: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+CLOSE_POINTS = 3.0  # "within a few points" of full fine-tuning, in accuracy points
+CLOSE_SAVING = 100.0  # "100x or more fewer bytes per round"
+
+
+def _close_to_full(main_cells: dict, found: dict, s: dict[str, Any]) -> list[str]:
+    """Expected: LoRA and adapter within a few points of full at iid and alpha 1 on ag_news and
+    sst2, with 100x or more fewer bytes per round."""
+    lines = []
+    datasets = [d for d in ("ag_news", "sst2") if d in s["datasets"]]
+    skews = [k for k in ("iid", "a1") if k in s["skews"]]
+    full = next((v for c, v in found.items() if c.method == "full" and c.phase == "grid"), None)
+    for method in ("lora", "adapter"):
+        gaps = {(d, k): _gap(main_cells, d, method, k) for d in datasets for k in skews}
+        known = {key: g for key, g in gaps.items() if g is not None}
+        ours = next((v for c, v in found.items() if c.method == method and c.phase == "grid"), None)
+        saving = _per_client_round(full) / _per_client_round(ours) if full and ours else None
+        close = (
+            None
+            if len(known) < len(gaps)
+            else all(g >= -CLOSE_POINTS / 100 for g in known.values())
+        )
+        cheap = None if saving is None else saving >= CLOSE_SAVING
+        agree = None if close is None or cheap is None else close and cheap
+        lines.append(
+            f"- Expected: {method} within {CLOSE_POINTS:g} points of full at iid and alpha 1 on "
+            f"{' and '.join(datasets)}, with {CLOSE_SAVING:g}x or more fewer bytes per round. Ours: "
+            + ", ".join(
+                f"{d} {_skew_label(k)} {DASH if g is None else f'{100 * g:+.1f}'}"
+                for (d, k), g in gaps.items()
+            )
+            + f"; {DASH if saving is None else f'{saving:.0f}x'} fewer bytes — {_verdict(agree)}."
+        )
+    return lines
+
+
 def _verdict(agree: bool | None) -> str:
     return {True: "**agrees**", False: "**differs**", None: "undecided (cells missing)"}[agree]
 
@@ -775,6 +810,7 @@ def _pattern(main_cells: dict, found: dict, s: dict[str, Any]) -> list[str]:
     def mean_gap(method: str, skews: list[str]) -> float | None:
         return _mean([_gap(main_cells, d, method, k) for d in s["datasets"] for k in skews])
 
+    lines += _close_to_full(main_cells, found, s)
     widening = []
     for method in METHODS[1:]:
         g_mild, g_strong = mean_gap(method, mild), mean_gap(method, strong)
@@ -799,7 +835,9 @@ def _pattern(main_cells: dict, found: dict, s: dict[str, Any]) -> list[str]:
         m: _mean([_accuracy(main_cells.get((d, m, k))) for d in s["datasets"] for k in s["skews"]])
         for m in METHODS[1:]
     }
-    complete = all(v is not None for v in means.values())
+    complete = all(
+        (d, m, k) in main_cells for d in s["datasets"] for m in METHODS for k in s["skews"]
+    )
     weakest = min(means, key=lambda m: means[m]) if complete else None
     lines.append(
         "- Paper: prefix-tuning is the weakest PEFT method. Ours: "
