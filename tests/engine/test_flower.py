@@ -98,3 +98,35 @@ def test_cli_certs_then_prepare(tmp_path, toy_data, capsys):
     missing = ["flower", "prepare", str(config), "--certs", str(tmp_path / "none")]
     assert main([*missing, "--out", str(tmp_path / "run2")]) == 2  # no certificates: one line
     assert not (tmp_path / "run2").exists()
+
+
+def test_interrupted_simulation_resumes_to_the_uninterrupted_weights(tmp_path, toy_data):
+    """Stopped before round 2, a Flower run resumes from its round-1 checkpoint and ends where an
+    uninterrupted run does (the embedded one: the parity test above ties the two engines)."""
+    base = tiny_config(toy_data, method="lora", algorithm="fedadam", num_clients=4, rounds=2)
+    reference_config = build_config({**base, "engine": "embedded"})
+    reference_run = RunDir.create(tmp_path / "ref", dump_config(reference_config))
+    reference = EmbeddedEngine(build_job(reference_config), reference_run).run()
+
+    config = build_config({**base, "engine": "flower"})
+    run = RunDir.create(tmp_path / "cut", dump_config(config))
+
+    def stop_before_round_2(kind, info):
+        if kind == "round_start" and info["round"] == 2:
+            raise RuntimeError("stopped by the test")
+
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        FlowerEngine(build_job(config), run, on_event=stop_before_round_2).run()
+    assert [r["round"] for r in metrics(run.path)] == [1]
+    events = []
+    resumed = FlowerEngine(
+        build_job(config), RunDir.open(run.path), on_event=lambda k, i: events.append((k, i))
+    ).run()
+    assert ("resume", {"round": 1}) in events
+    assert [r["round"] for r in metrics(run.path)] == [1, 2]
+    expected = load_file(str(tmp_path / "ref" / "weights.safetensors"))
+    got = load_file(str(run.weights_path))
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    assert resumed["complete"] and resumed["bytes_up_total"] == reference["bytes_up_total"]
+    assert resumed["final_accuracy"] == pytest.approx(reference["final_accuracy"])
