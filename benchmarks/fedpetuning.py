@@ -38,10 +38,10 @@ validation split), 5 clients per round, 1 local epoch = 2 steps per client, 10 r
     lr phase   15 runs x 6 rounds x 10 steps + 2 validation-only evals -> ~1,000 s
     total      ~9,700 s = ~2.7 h
 
-Measured (``MEASURED`` below): one real cell run on the busy shared machine, compared as ratios.
-Within one round (same load) evaluating 600 rows cost 0.35-0.38x the round's 10 training steps, so a
-forward of 32 rows is ~0.19 of a LoRA step (estimated 0.35): a cell is ~118 step-units, not 133,
-and the estimate above is ~10% conservative.
+Measured (the report's "Measured cost" line, from the cells' own summaries): the study was run as
+``--part 1/2`` and ``--part 2/2`` side by side with ``OMP_NUM_THREADS=1`` each (one core each; not
+compared against one 2-thread process); a 10-client PEFT cell then took ~105-185 s and a full cell
+~185-260 s, i.e. ~75 s and ~110 s of the machine per cell, well inside the estimate above.
 """
 
 from __future__ import annotations
@@ -149,17 +149,6 @@ PAPER_ACCURACY = {  # dataset -> method -> skew -> accuracy (%)
 PAPER_PARAMS = {"full": 124.7e6, "prefix": 10.3e6, "adapter": 3.0e6, "lora": 0.9e6, "bitfit": 0.7e6}
 PAPER_SAVING = {"bitfit": "~190x", "lora": "~140x", "adapter": "42x (dim 64) / 104x (dim 16)"}
 PAPER_SAVING["prefix"] = "12x"
-
-# one real MiniLM cell (lora, ag_news, alpha 1, 10 clients, lr 5e-3), run while the machine was
-# shared (load 8-13 on 2 cores), so as ratios: see the module docstring
-MEASURED = (
-    "one real cell (lora, ag_news, alpha 1, 10 clients, lr 5e-3) on the shared 2-core machine "
-    "(load average 8-13, so absolute times were 7-15x the quiet-machine figures): a round's "
-    "training (10 steps of 32 x <=64 tokens) took 69-158 s, an evaluation of 600 rows (val + "
-    "test) 0.35-0.38x a round's training at the same load (estimate: 0.66x), so a cell is ~118 "
-    "LoRA-step units against the estimated 133; the ~2.7 h grid estimate holds with ~10% to spare "
-    "on a quiet machine. Stopped after 4 of 10 rounds (validation 73.0%, test 72.5%)."
-)
 
 
 # -- cells ---------------------------------------------------------------------------------------
@@ -489,6 +478,31 @@ def _to_target(metrics: list[dict[str, Any]], target: float | None) -> tuple[int
     return None
 
 
+def _cost_lines(found: dict) -> list[str]:
+    """What the finished cells cost: median wall time per method and phase, from their summaries."""
+    groups: dict[str, list[float]] = {}
+    for cell, summary in found.items():
+        wall = summary.get("wall_time_total_s")
+        if wall:
+            key = f"{cell.method} ({'lr' if cell.phase == 'lr' else f'{cell.clients} clients'})"
+            groups.setdefault(key, []).append(wall)
+    if not groups:
+        return []
+    parts = [
+        f"{key} {sorted(walls)[len(walls) // 2]:.0f} s (n={len(walls)})"
+        for key, walls in sorted(groups.items())
+    ]
+    total = sum(w for walls in groups.values() for w in walls)
+    return [
+        "Measured cost, median wall time of a cell: "
+        + ", ".join(parts)
+        + f". All {sum(len(w) for w in groups.values())} finished cells: {_duration(total)} "
+        "of run time together (sittings may run parts side by side; see BENCHMARKS.md for how "
+        "this grid was run).",
+        "",
+    ]
+
+
 def _half_width(accuracy: float, rows: int) -> float:
     """Half-width in points of the normal-approximation 95% interval of an accuracy on ``rows``."""
     return 100 * 1.96 * (accuracy * (1 - accuracy) / rows) ** 0.5
@@ -558,8 +572,7 @@ def write_report(out: Path, quick: bool) -> Path:
         f"(same rows per client; {s['per_round'].get(max(s['scale_clients']))} per round at "
         f"{max(s['scale_clients'])}).",
         "",
-        "Measured cost: " + MEASURED,
-        "",
+        *_cost_lines(found),
         "Resolution: one seed per cell, so each accuracy is one draw. The binomial 95% interval of "
         f"one accuracy is about ±{_half_width(0.85, common['max_test_samples']):.1f} points at 85% "
         f"on {common['max_test_samples']} test rows and ±{_half_width(0.6, 277):.1f} at 60% on "
@@ -575,13 +588,6 @@ def write_report(out: Path, quick: bool) -> Path:
     lines += _pattern(main_cells, found, s)
     plots = _plots(main_cells, s, out.parent, plot_prefix)
     lines += [f"![{title}]({path.name})" for title, path in plots] + [""]
-    walls = [v.get("wall_time_total_s") or 0.0 for v in found.values()]
-    lines += [
-        f"Compute: the {len(found)} finished cells ran for {_duration(sum(walls))} of wall-clock "
-        "time together (the sum of their own run times; sittings add start-up and may run parts "
-        "side by side).",
-        "",
-    ]
     page.parent.mkdir(parents=True, exist_ok=True)
     from fedpeft.runs import write_text
 
@@ -662,17 +668,21 @@ def _gap(main_cells: dict, dataset: str, method: str, skew: str) -> float | None
 
 
 def _gap_table(main_cells: dict, s: dict[str, Any]) -> list[str]:
+    learned, _ = _learned_datasets(main_cells, s)
+    datasets = learned or s["datasets"]
     lines = [
         "### Distance to full fine-tuning (accuracy points, mean over datasets)",
         "",
-        "Paper (RTE) in brackets. Negative: behind full fine-tuning.",
+        f"Mean over {', '.join(datasets)}"
+        + (" (datasets at chance left out: see the pattern below)" if learned else "")
+        + ". Paper (RTE) in brackets. Negative: behind full fine-tuning.",
         "",
         *_skew_header(s["skews"]),
     ]
     for method in METHODS[1:]:
         row = []
         for skew in s["skews"]:
-            gap = _mean([_gap(main_cells, d, method, skew) for d in s["datasets"]])
+            gap = _mean([_gap(main_cells, d, method, skew) for d in datasets])
             paper = PAPER_ACCURACY["rte"][method].get(skew)
             text = DASH if gap is None else f"{100 * gap:+.1f}"
             if paper is not None:
@@ -807,6 +817,31 @@ def _close_to_full(main_cells: dict, found: dict, s: dict[str, Any]) -> list[str
     return lines
 
 
+CHANCE = {"ag_news": 0.25, "sst2": 0.5, "rte": 0.5}  # 1 / number of classes
+LEARNED_MARGIN = 0.10  # full fine-tuning must beat chance by this much, on average over skews
+
+
+def _learned_datasets(main_cells: dict, s: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The datasets where the setting learned anything: full fine-tuning's mean accuracy over the
+    skews beats chance by ``LEARNED_MARGIN``. Gaps between methods on a dataset where every method
+    sits at chance are noise, so the pattern below is read on the others only."""
+    learned, lines = [], []
+    for dataset in s["datasets"]:
+        full = _mean([_accuracy(main_cells.get((dataset, "full", k))) for k in s["skews"]])
+        chance = CHANCE.get(dataset)
+        if full is None or chance is None:
+            continue
+        if full >= chance + LEARNED_MARGIN:
+            learned.append(dataset)
+        else:
+            lines.append(
+                f"- {dataset}: full fine-tuning averages {_pct(full)}% against {_pct(chance)}% "
+                f"for chance, so every method is at chance there and {dataset} is left out of "
+                "the gap and weakest-method checks below (its cells stay in the tables above)."
+            )
+    return learned, lines
+
+
 def _verdict(agree: bool | None) -> str:
     return {True: "**agrees**", False: "**differs**", None: "undecided (cells missing)"}[agree]
 
@@ -816,9 +851,11 @@ def _pattern(main_cells: dict, found: dict, s: dict[str, Any]) -> list[str]:
     mild = [k for k in s["skews"] if k in ("iid", "a10")]
     strong = [k for k in s["skews"] if k == "a0.1"]
     lines = ["### Against the paper's pattern", ""]
+    learned, chance_lines = _learned_datasets(main_cells, s)
+    lines += chance_lines
 
     def mean_gap(method: str, skews: list[str]) -> float | None:
-        return _mean([_gap(main_cells, d, method, k) for d in s["datasets"] for k in skews])
+        return _mean([_gap(main_cells, d, method, k) for d in learned for k in skews])
 
     lines += _close_to_full(main_cells, found, s)
     widening = []
@@ -830,7 +867,8 @@ def _pattern(main_cells: dict, found: dict, s: dict[str, Any]) -> list[str]:
             continue
         widening.append(g_strong < g_mild)
         lines.append(
-            f"- {method}: {100 * g_mild:+.1f} points from full at mild skew (iid, alpha 10), "
+            f"- {method}: {100 * g_mild:+.1f} points from full at mild skew (iid, alpha 10; "
+            f"mean over {', '.join(learned)}), "
             f"{100 * g_strong:+.1f} at alpha 0.1 — "
             + ("loses ground against full" if g_strong < g_mild else "does not lose ground")
             + " as skew grows."
@@ -842,17 +880,19 @@ def _pattern(main_cells: dict, found: dict, s: dict[str, Any]) -> list[str]:
         f"skew. Ours: {sum(known)} of {len(known)} PEFT methods lose ground — {_verdict(agree)}."
     )
     means = {
-        m: _mean([_accuracy(main_cells.get((d, m, k))) for d in s["datasets"] for k in s["skews"]])
+        m: _mean([_accuracy(main_cells.get((d, m, k))) for d in learned for k in s["skews"]])
         for m in METHODS[1:]
     }
-    complete = all(
+    complete = bool(learned) and all(
         (d, m, k) in main_cells for d in s["datasets"] for m in METHODS for k in s["skews"]
     )
-    weakest = min(means, key=lambda m: means[m]) if complete else None
+    ranked = sorted(means, key=lambda m: means[m]) if complete else [None, None]
+    weakest, runner_up = ranked[0], ranked[1]
     lines.append(
         "- Paper: prefix-tuning is the weakest PEFT method. Ours: "
         + (
-            f"the weakest on average is {weakest} ({_pct(means[weakest])}%) — "
+            f"the weakest on average over {', '.join(learned)} is {weakest} "
+            f"({_pct(means[weakest])}%; next {runner_up} {_pct(means[runner_up])}%) — "
             + _verdict(weakest == "prefix")
             if complete
             else f"{DASH} — {_verdict(None)}"

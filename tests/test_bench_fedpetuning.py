@@ -182,3 +182,18 @@ def test_only_the_grid_keys_decide_staleness(quick_out, shared):
     assert study.cell_state(folder, wanted + "new_setting: 1\n", set(config)) == "done"
     changed = wanted.replace("max_seq_len: 24", "max_seq_len: 32")
     assert study.cell_state(folder, changed, set(config)) == "stale"
+
+
+def test_datasets_at_chance_are_left_out_of_the_pattern():
+    """rte where full fine-tuning sits at chance: excluded from the gap and weakest-method checks,
+    and the page says so; ag_news, well above chance, stays."""
+    s = study._settings(quick=False)
+    cells = {}
+    for skew in s["skews"]:
+        cells[("ag_news", "full", skew)] = {"test_accuracy_at_best_val": 0.80}
+        cells[("rte", "full", skew)] = {"test_accuracy_at_best_val": 0.53}
+    learned, lines = study._learned_datasets(cells, s)
+    assert learned == ["ag_news"]
+    assert len(lines) == 1 and "rte" in lines[0] and "53.0%" in lines[0]
+    cells[("rte", "full", "iid")] = {"test_accuracy_at_best_val": 0.98}  # mean 0.6425 > 0.6
+    assert study._learned_datasets(cells, s)[0] == ["ag_news", "rte"]
