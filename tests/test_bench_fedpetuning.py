@@ -54,7 +54,7 @@ def test_quick_runs_every_cell_and_writes_the_report(quick_out):
         assert summary["complete"], cell.folder
         assert {p.name for p in folder.iterdir()} <= KEPT, cell.folder  # small enough to commit
     selection = json.loads((quick_out / "lr_selection.json").read_text())
-    assert set(selection["winners"]) == set(study.METHODS)
+    assert set(selection["winners"]) == set(study.ALL_METHODS)
     page = (quick_out.parent / "fedpetuning.md").read_text()
     assert "Missing: 0 study cells, 0 lr cells" in page
     for heading in ("Learning rate chosen on validation", "Trainable parameters", "Scale:"):
