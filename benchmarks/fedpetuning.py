@@ -55,6 +55,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -641,28 +642,31 @@ def _lr_table(
     return lines + [""]
 
 
+def _per_dataset_tables(s: dict[str, Any], cell_text: Callable[[str, str, str], str]) -> list[str]:
+    """One method x skew table per dataset; ``cell_text(dataset, method, skew)`` fills a cell."""
+    lines: list[str] = []
+    for dataset in s["datasets"]:
+        lines += [f"**{dataset}**", "", *_skew_header(s["skews"])]
+        for method in s["methods"]:
+            row = [cell_text(dataset, method, skew) for skew in s["skews"]]
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
 def _accuracy_tables(main_cells: dict, s: dict[str, Any]) -> list[str]:
-    lines = [
+    def text(dataset: str, method: str, skew: str) -> str:
+        ours = _pct(_accuracy(main_cells.get((dataset, method, skew))))
+        paper = PAPER_ACCURACY.get(dataset, {}).get(method, {}).get(skew)
+        return ours + (f" ({paper:.1f})" if paper is not None else "")
+
+    return [
         "### Accuracy (%), best-on-validation model scored on test",
         "",
         "Ours, with the paper's figure (RoBERTa-base, 100 clients) in brackets where SPEC quotes one.",
         "",
+        *_per_dataset_tables(s, text),
     ]
-    for dataset in s["datasets"]:
-        lines += [
-            f"**{dataset}**",
-            "",
-            *_skew_header(s["skews"]),
-        ]
-        for method in s["methods"]:
-            row = []
-            for skew in s["skews"]:
-                ours = _pct(_accuracy(main_cells.get((dataset, method, skew))))
-                paper = PAPER_ACCURACY.get(dataset, {}).get(method, {}).get(skew)
-                row.append(ours + (f" ({paper:.1f})" if paper is not None else ""))
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-        lines.append("")
-    return lines
 
 
 def _skew_label(skew: str) -> str:
@@ -745,35 +749,25 @@ def _comm_table(found: dict, methods: list[str]) -> list[str]:
 
 
 def _target_tables(main_cells: dict, s: dict[str, Any]) -> list[str]:
-    lines = [
+    def text(dataset: str, method: str, skew: str) -> str:
+        full, ours = (
+            main_cells.get((dataset, "full", skew)),
+            main_cells.get((dataset, method, skew)),
+        )
+        if full is None or ours is None or _accuracy(full) is None:
+            return DASH
+        hit = _to_target(ours["metrics"], TARGET_FRACTION * _accuracy(full))
+        return "no" if hit is None else f"{hit[0]} ({_duration(hit[1])})"
+
+    return [
         "### Rounds and simulated time to a target accuracy",
         "",
         f"Target = {TARGET_FRACTION:.0%} of full fine-tuning's accuracy in the same dataset and skew; "
         "rounds (simulated time, cost model of docs/cost_model.md) until the global test accuracy "
         "first reached it; 'no' = not within the budget.",
         "",
+        *_per_dataset_tables(s, text),
     ]
-    for dataset in s["datasets"]:
-        lines += [
-            f"**{dataset}**",
-            "",
-            *_skew_header(s["skews"]),
-        ]
-        for method in s["methods"]:
-            row = []
-            for skew in s["skews"]:
-                full, ours = (
-                    main_cells.get((dataset, "full", skew)),
-                    main_cells.get((dataset, method, skew)),
-                )
-                if full is None or ours is None or _accuracy(full) is None:
-                    row.append(DASH)
-                    continue
-                hit = _to_target(ours["metrics"], TARGET_FRACTION * _accuracy(full))
-                row.append("no" if hit is None else f"{hit[0]} ({_duration(hit[1])})")
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-        lines.append("")
-    return lines
 
 
 def _scale_table(found: dict, s: dict[str, Any]) -> list[str]:

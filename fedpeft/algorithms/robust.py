@@ -50,18 +50,29 @@ def _stacked(global_state: State, client_states: Sequence[State]):
         yield key, reference, stack
 
 
-def coordinate_median(global_state: State, client_states: Sequence[State]) -> State:
-    """The per-coordinate median of the client states (the global state gives keys and dtypes)."""
+def _per_coordinate(
+    global_state: State, client_states: Sequence[State], drop: int, reduce
+) -> State:
+    """Sort the client values of each coordinate, drop ``drop`` at each end, ``reduce`` the rest
+    along dim 0; integer buffers keep the first client's value."""
     result: State = {}
     for key, reference, stack in _stacked(global_state, client_states):
         if stack is None:
             result[key] = client_states[0][key].clone()
             continue
         ordered = stack.sort(dim=0).values
-        count = ordered.shape[0]
-        middle = (ordered[(count - 1) // 2] + ordered[count // 2]) / 2
-        result[key] = middle.to(reference.dtype)
+        result[key] = reduce(ordered[drop : ordered.shape[0] - drop]).to(reference.dtype)
     return result
+
+
+def coordinate_median(global_state: State, client_states: Sequence[State]) -> State:
+    """The per-coordinate median of the client states (the global state gives keys and dtypes)."""
+
+    def middle(ordered: torch.Tensor) -> torch.Tensor:
+        count = ordered.shape[0]
+        return (ordered[(count - 1) // 2] + ordered[count // 2]) / 2
+
+    return _per_coordinate(global_state, client_states, 0, middle)
 
 
 def trim_count(num_clients: int, trim_ratio: float) -> int:
@@ -79,15 +90,7 @@ def trimmed_mean(
 ) -> State:
     """Per coordinate: sort the K client values, drop floor(trim_ratio*K) at each end, average."""
     drop = trim_count(len(client_states), trim_ratio)
-    result: State = {}
-    for key, reference, stack in _stacked(global_state, client_states):
-        if stack is None:
-            result[key] = client_states[0][key].clone()
-            continue
-        ordered = stack.sort(dim=0).values
-        kept = ordered[drop : ordered.shape[0] - drop]
-        result[key] = kept.mean(dim=0).to(reference.dtype)
-    return result
+    return _per_coordinate(global_state, client_states, drop, lambda kept: kept.mean(dim=0))
 
 
 def update_norm(global_state: State, state: State) -> float:
