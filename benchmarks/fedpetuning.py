@@ -956,15 +956,9 @@ def _plots(
             if xs:
                 ax.plot(xs, ys, marker="o", label=method)
         ax.set_xticks(range(len(order)), [_skew_label(k).replace("alpha ", "α=") for k in order])
-        ax.set_title(dataset)
-        ax.set_xlabel("label skew (less skew →)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    if any(ax.lines for ax in fig.axes):
-        next(ax for ax in fig.axes if ax.lines).legend(fontsize=8)
-    fig.tight_layout()
+        _label(ax, dataset, "label skew (less skew →)")
     path = folder / f"{prefix}_accuracy_vs_alpha.png"
-    _save(fig, path)
+    _finish(fig, path)
     out.append(("accuracy against label skew, per method", path))
 
     skew = "a1" if "a1" in s["skews"] else s["skews"][-1]
@@ -980,17 +974,27 @@ def _plots(
             xs = [(r["bytes_up_total"] + r["bytes_down_total"]) / 1e6 for r in rows]
             ax.plot(xs, [100 * r["accuracy"] for r in rows], marker="o", label=method)
         ax.set_xscale("log")
-        ax.set_title(f"{dataset}, {_skew_label(skew)}")
-        ax.set_xlabel("cumulative MB exchanged (log)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
+        _label(ax, f"{dataset}, {_skew_label(skew)}", "cumulative MB exchanged (log)")
+    path = folder / f"{prefix}_accuracy_vs_bytes.png"
+    _finish(fig, path)
+    out.append(("accuracy against cumulative bytes", path))
+    return out
+
+
+def _label(ax, title: str, xlabel: str) -> None:
+    """Title, axis labels and grid of one accuracy subplot."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+
+
+def _finish(fig: Figure, path: Path) -> None:
+    """One legend (on the first subplot with lines), tight layout, atomic save."""
     if any(ax.lines for ax in fig.axes):
         next(ax for ax in fig.axes if ax.lines).legend(fontsize=8)
     fig.tight_layout()
-    path = folder / f"{prefix}_accuracy_vs_bytes.png"
     _save(fig, path)
-    out.append(("accuracy against cumulative bytes", path))
-    return out
 
 
 def _save(fig: Figure, path: Path) -> None:

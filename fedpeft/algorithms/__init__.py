@@ -23,7 +23,12 @@ from fedpeft.algorithms.fedopt import (
     fedopt_step,
 )
 from fedpeft.algorithms.fedprox import proximal_term
-from fedpeft.algorithms.robust import clip_updates, coordinate_median, trimmed_mean
+from fedpeft.algorithms.robust import (
+    check_trim_ratio,
+    clip_updates,
+    coordinate_median,
+    trimmed_mean,
+)
 
 ROBUST_KINDS: tuple[str, ...] = ("median", "trimmed_mean")
 ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", *FEDOPT_KINDS, *ROBUST_KINDS)
@@ -54,8 +59,7 @@ class ServerAlgorithm:
         if name in FEDOPT_KINDS:
             check_fedopt_hparams(name, eta, beta1, beta2, tau)
         if name == "trimmed_mean":
-            if not 0 <= trim_ratio < 0.5:
-                raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+            check_trim_ratio(trim_ratio)
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 (or None), got {clip_norm}")
         self.name = name

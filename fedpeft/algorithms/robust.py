@@ -75,10 +75,14 @@ def coordinate_median(global_state: State, client_states: Sequence[State]) -> St
     return _per_coordinate(global_state, client_states, 0, middle)
 
 
-def trim_count(num_clients: int, trim_ratio: float) -> int:
-    """How many values are dropped at each end; raises when nothing would be left."""
+def check_trim_ratio(trim_ratio: float) -> None:
     if not 0 <= trim_ratio < 0.5:
         raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+
+
+def trim_count(num_clients: int, trim_ratio: float) -> int:
+    """How many values are dropped at each end; raises when nothing would be left."""
+    check_trim_ratio(trim_ratio)
     drop = math.floor(trim_ratio * num_clients)
     if num_clients - 2 * drop < 1:
         raise ValueError(f"trim_ratio {trim_ratio} leaves no client of {num_clients}")
