@@ -53,6 +53,8 @@ ExtraLoss = Callable[[Mapping[str, nn.Parameter]], torch.Tensor | None]
 AfterBackward = Callable[[nn.Module], None]
 Forward = Callable[[nn.Module, Mapping[str, torch.Tensor], np.ndarray], torch.Tensor]
 """``(model, batch, rows) -> logits``: another route to the same logits (the activation cache)."""
+Condition = Callable[[Mapping[str, torch.Tensor], np.ndarray], None]
+"""``(batch, rows)``: called before every forward, so a method can condition the model on it."""
 
 
 def _optimizer(params: list[nn.Parameter], training: LocalTraining) -> torch.optim.Optimizer:
@@ -103,17 +105,23 @@ def train_local(
     extra_loss: ExtraLoss | None = None,
     after_backward: AfterBackward | None = None,
     forward: Forward | None = None,
+    condition: Condition | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train the model's trainable parameters in place on ``data[indices]``.
 
     ``seed`` fixes the batch order and dropout, so a client's work in a round is reproducible
     (resumed runs match uninterrupted ones). ``extra_loss`` adds a term such as FedProx's proximal
     penalty; ``after_backward`` may edit gradients (sparse updates) before the optimiser step;
-    ``forward`` replaces the model call (e.g. ``ActivationCache.logits``, which skips frozen layers).
+    ``forward`` replaces the model call (e.g. ``ActivationCache.logits``, which skips frozen layers);
+    ``condition`` sees each batch before its forward; ``masks`` (name -> bool, True = trains)
+    freeze the False entries exactly: their gradients are zeroed before clipping and their values
+    restored after every optimiser step, so no weight decay or momentum moves them.
     """
     if len(indices) == 0:
         raise ValueError("client has no training rows")
     params = trainable_parameters(model)
+    frozen = _frozen_entries(params, masks or {})
     steps = training.num_steps(len(indices))
     optimizer = _optimizer(list(params.values()), training)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -125,6 +133,8 @@ def train_local(
     total_loss, seen, tokens = 0.0, 0, 0
     for rows in batch_order(indices, training.batch_size, steps, generator):
         batch = data.batch(rows)
+        if condition is not None:
+            condition(batch, rows)
         logits = forward(model, batch, rows) if forward else forward_logits(model, batch)
         loss = F.cross_entropy(logits, batch["labels"])
         total_loss += loss.item() * len(rows)
@@ -134,9 +144,16 @@ def train_local(
         loss.backward()
         if after_backward is not None:
             after_backward(model)
+        for name, (keep, _values) in frozen.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.masked_fill_(keep, 0.0)
         if training.grad_clip is not None:
             nn.utils.clip_grad_norm_(list(params.values()), training.grad_clip)
         optimizer.step()
+        with torch.no_grad():
+            for name, (keep, values) in frozen.items():
+                params[name].masked_scatter_(keep, values)
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(rows)
@@ -145,12 +162,32 @@ def train_local(
     return LocalResult(len(indices), steps, total_loss / seen, seen, tokens)
 
 
+def _frozen_entries(
+    params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (bool tensor of frozen entries, their values now), for masked parameters."""
+    frozen = {}
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"mask for '{name}', which is not a trainable parameter")
+        p = params[name]
+        if mask.shape != p.shape or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask for '{name}' is {mask.dtype} {tuple(mask.shape)}, "
+                f"expected bool {tuple(p.shape)}"
+            )
+        keep = ~mask
+        frozen[name] = (keep, p.detach()[keep].clone())
+    return frozen
+
+
 @dataclass
 class Evaluation:
     accuracy: float
     macro_f1: float
     loss: float
     num_samples: int
+    group_accuracy: dict[str, float] | None = None  # per group (e.g. language), when asked
 
 
 def macro_f1(labels: np.ndarray, preds: np.ndarray) -> float:
@@ -172,8 +209,12 @@ def evaluate(
     indices: np.ndarray,
     batch_size: int = 128,
     forward: Forward | None = None,
+    condition: Condition | None = None,
+    groups: np.ndarray | None = None,
 ) -> Evaluation:
-    """Accuracy, macro-F1 and mean loss; rows are batched by length so padding stays small."""
+    """Accuracy, macro-F1 and mean loss; rows are batched by length so padding stays small.
+
+    ``groups`` (one label per row of ``data``) adds the accuracy of each group present."""
     model.eval()
     indices = np.asarray(indices)
     order = indices[np.argsort(data.lengths[indices].numpy(), kind="stable")]
@@ -181,6 +222,8 @@ def evaluate(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = data.batch(rows)
+        if condition is not None:
+            condition(batch, rows)
         logits = forward(model, batch, rows) if forward else forward_logits(model, batch)
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         preds.append(logits.argmax(dim=-1).numpy())
@@ -188,9 +231,17 @@ def evaluate(
     if not preds:
         return Evaluation(0.0, 0.0, 0.0, 0)
     y_pred, y_true = np.concatenate(preds), np.concatenate(labels)
+    per_group = None
+    if groups is not None:
+        row_groups = np.asarray(groups)[order]
+        correct = y_pred == y_true
+        per_group = {
+            str(g): float(np.mean(correct[row_groups == g])) for g in sorted(set(row_groups))
+        }
     return Evaluation(
         accuracy=float(np.mean(y_pred == y_true)),
         macro_f1=macro_f1(y_true, y_pred),
         loss=loss_sum / len(y_true),
         num_samples=len(y_true),
+        group_accuracy=per_group,
     )

@@ -11,16 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from fedpeft import registry
 from fedpeft.algorithms import ALGORITHMS
-from fedpeft.methods.autofednlp import AutoFedNLPSettings
-from fedpeft.peft.adapter import AdapterSettings
-from fedpeft.peft.bitfit import BitfitSettings
-from fedpeft.peft.full import FullSettings
-from fedpeft.peft.lora import LoraSettings
-from fedpeft.peft.prefix import PrefixSettings
-from fedpeft.peft.prompt import PromptSettings
 
 
 class ConfigError(ValueError):
@@ -106,15 +100,19 @@ class FlowerSettings(_Strict):
     )
 
 
-class RunConfig(_Strict):
-    """Everything one federated run needs. Top-level names are stable for scripts."""
+class _RunConfigBase(_Strict):
+    """Everything one federated run needs. Top-level names are stable for scripts.
+
+    Each registered method (``fedpeft.registry``) adds its settings section under its own name
+    (``lora: {r: 8}``); ``RunConfig`` below is this class plus those sections.
+    """
 
     name: str | None = Field(None, description="run name (default: dataset-method-partition)")
     model: str = Field("minilm", description="minilm | tiny | local HF folder | hub id")
     dataset: str = Field(
         "ag_news", description="shared-data name | folder | .jsonl/.csv | hub:<name>"
     )
-    method: Literal["lora", "adapter", "prefix", "prompt", "bitfit", "full", "autofednlp"] = "lora"
+    method: str = Field("lora", description="a registered method (fedpeft list)")
     algorithm: str = Field("fedavg", description="|".join(ALGORITHMS))
     engine: Literal["embedded", "flower"] = Field(
         "embedded", description="embedded (one process) | flower (Flower 1.41 simulation)"
@@ -127,7 +125,9 @@ class RunConfig(_Strict):
     local_steps: int | None = Field(None, ge=1, description="fixed local steps (overrides epochs)")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: float | None = Field(
+        None, gt=0, description="learning rate (default: the method's, chosen on validation)"
+    )
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
@@ -146,10 +146,11 @@ class RunConfig(_Strict):
     seed: int = 0
     max_train_samples: int | None = Field(None, ge=1)
     max_test_samples: int | None = Field(None, ge=1)
-    validation_size: int = Field(
-        0,
+    validation_size: int | None = Field(
+        None,
         ge=0,
-        description="server-held validation rows (from the validation split, else held out of train)",
+        description="server-held validation rows, from the validation split, else held out of "
+        "train (default: 10% of train within [100, 1000], at most a quarter; 0: none)",
     )
     eval_every: int = Field(1, ge=1)
     personalized_eval: bool = Field(
@@ -160,18 +161,11 @@ class RunConfig(_Strict):
         None, ge=1, description="torch CPU threads (default: torch's choice)"
     )
 
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
-    prefix: PrefixSettings = Field(default_factory=PrefixSettings)
-    prompt: PromptSettings = Field(default_factory=PromptSettings)
-    bitfit: BitfitSettings = Field(default_factory=BitfitSettings)
-    full: FullSettings = Field(default_factory=FullSettings)
     fedprox: FedProxSettings = Field(default_factory=FedProxSettings)
     fedopt: FedOptSettings = Field(default_factory=FedOptSettings)
     robust: RobustSettings = Field(default_factory=RobustSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
-    autofednlp: AutoFedNLPSettings = Field(default_factory=AutoFedNLPSettings)
     activation_cache: ActivationCacheSettings = Field(default_factory=ActivationCacheSettings)
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: uploads carry int8 updates (trained - received) + fp32 scales"
@@ -181,7 +175,20 @@ class RunConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
+    def _consistent(self) -> _RunConfigBase:
+        methods = registry.methods()
+        if self.method not in methods:
+            raise ValueError(
+                f"method: unknown '{self.method}' (choose from {', '.join(methods)}; fedpeft list)"
+            )
+        spec = methods[self.method]
+        if self.engine not in spec.engines:
+            raise ValueError(
+                f"engine: {self.engine} does not run method {self.method} yet "
+                f"(use engine: {spec.engines[0]})"
+            )
+        if self.lr is None:
+            self.lr = spec.default_lr
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
                 f"algorithm: unknown '{self.algorithm}' (choose from {', '.join(ALGORITHMS)})"
@@ -190,29 +197,28 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"clients_per_round: {self.clients_per_round} is more than num_clients ({self.num_clients})"
             )
-        if self.method == "autofednlp":
-            if self.num_clients < 3 * self.clients_per_round:
-                raise ValueError(
-                    f"num_clients: autofednlp splits clients into 3 trial groups of "
-                    f"clients_per_round ({self.clients_per_round}); needs >= {3 * self.clients_per_round}"
-                )
-            if not self.validation_size:
-                raise ValueError("validation_size: autofednlp picks trial winners on it; set > 0")
-            if self.algorithm != "fedavg":
-                raise ValueError("algorithm: autofednlp aggregates with fedavg, as the reference")
+        if spec.check is not None:
+            spec.check(self)
         return self
 
     def method_settings(self) -> BaseModel:
-        if self.method == "autofednlp":  # bottleneck adapters in the starting configuration
-            start = self.autofednlp
-            return self.adapter.model_copy(
-                update={"depth": start.start_depth, "width": start.start_width, "layers": None}
-            )
+        """The settings section of the configured method."""
         return getattr(self, self.method)
 
     def run_name(self) -> str:
         dataset = Path(self.dataset).name or self.dataset
         return self.name or f"{dataset}-{self.method}-{self.partition}"
+
+
+def _with_method_sections() -> type[_RunConfigBase]:
+    sections: dict[str, Any] = {
+        name: (spec.settings, Field(default_factory=spec.settings))
+        for name, spec in registry.methods().items()
+    }
+    return create_model("RunConfig", __base__=_RunConfigBase, **sections)
+
+
+RunConfig = _with_method_sections()
 
 
 def _error_line(err: ValidationError) -> str:

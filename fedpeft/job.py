@@ -11,16 +11,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft import cost, peft
-from fedpeft.algorithms import make_algorithm
+from fedpeft import cost, peft, registry
+from fedpeft.algorithms import ServerAlgorithm, make_algorithm
 from fedpeft.cache import ActivationCache
 from fedpeft.client import LocalTraining
 from fedpeft.config import RunConfig
 from fedpeft.data.partition import Partition, make_partition
 from fedpeft.data.sources import DataSplits, TextDataset, load_source, subsample
 from fedpeft.data.tokenize import TokenizedData, tokenize
-from fedpeft.methods import AutoFedNLP, FederatedMethod, FedPETuning
+from fedpeft.methods.base import ClientContext, FederatedMethod
+from fedpeft.methods.fedpetuning import FedPETuning
 from fedpeft.models import load_model
+from fedpeft.peft.base import State, trainable_state
 
 
 @dataclass
@@ -39,7 +41,15 @@ class Job:
     num_layers: int
     extra_kv: int  # prefix tokens every attention layer also attends to (cost model)
     extra_tokens: int  # soft prompt tokens added to every sequence (cost model)
+    clients: list[ClientContext] = field(default_factory=list)  # plain per-client facts
+    initial_state: State = field(default_factory=dict)  # what every client holds when it joins
+    test_groups: np.ndarray | None = None  # natural partitions: each test row's group
     caches: dict[str, ActivationCache] = field(default_factory=dict)  # split -> activation cache
+
+
+def default_validation_size(train_rows: int) -> int:
+    """10% of the training rows, within [100, 1000], and never more than a quarter of them."""
+    return min(max(round(0.1 * train_rows), 100), 1000, train_rows // 4)
 
 
 def load_data(config: RunConfig) -> tuple[DataSplits, TextDataset, TextDataset, TextDataset | None]:
@@ -47,18 +57,19 @@ def load_data(config: RunConfig) -> tuple[DataSplits, TextDataset, TextDataset, 
     splits = load_source(config.dataset)
     train = subsample(splits.train, config.max_train_samples, config.seed)
     test = subsample(splits.test, config.max_test_samples, config.seed)
+    size = config.validation_size
+    if size is None:
+        size = default_validation_size(len(train))
     validation = None
-    if config.validation_size:
+    if size:
         if splits.validation is not None:
-            validation = subsample(splits.validation, config.validation_size, config.seed)
+            validation = subsample(splits.validation, size, config.seed)
         else:
-            if config.validation_size >= len(train):
-                raise ValueError(
-                    f"validation_size {config.validation_size} leaves no training rows ({len(train)})"
-                )
+            if size >= len(train):
+                raise ValueError(f"validation_size {size} leaves no training rows ({len(train)})")
             order = np.random.default_rng([config.seed, 7]).permutation(len(train))
-            validation = train.subset(np.sort(order[: config.validation_size]))
-            train = train.subset(np.sort(order[config.validation_size :]))
+            validation = train.subset(np.sort(order[:size]))
+            train = train.subset(np.sort(order[size:]))
     return splits, train, test, validation
 
 
@@ -76,14 +87,8 @@ def training_settings(config: RunConfig) -> LocalTraining:
     )
 
 
-def build_method(config: RunConfig, num_layers: int | None = None) -> FederatedMethod:
-    if config.method == "autofednlp":
-        if num_layers is None:
-            raise ValueError("autofednlp needs the model's number of layers")
-        return AutoFedNLP(
-            config.autofednlp, config.method_settings(), num_layers, config.clients_per_round
-        )
-    algorithm = make_algorithm(
+def build_algorithm(config: RunConfig) -> ServerAlgorithm:
+    return make_algorithm(
         config.algorithm,
         mu=config.fedprox.mu,
         eta=config.fedopt.eta,
@@ -93,18 +98,54 @@ def build_method(config: RunConfig, num_layers: int | None = None) -> FederatedM
         trim_ratio=config.robust.trim_ratio,
         clip_norm=config.robust.clip_norm,
     )
-    return FedPETuning(algorithm)
+
+
+def build_method(config: RunConfig, num_layers: int, num_labels: int) -> FederatedMethod:
+    """The configured seed system (plain PEFT units run FedPETuning with the algorithm)."""
+    spec = registry.get(config.method)
+    algorithm = build_algorithm(config)
+    if spec.system is None:
+        return FedPETuning(algorithm)
+    return spec.system(config, registry.SystemInfo(num_layers, num_labels, algorithm))
 
 
 def build_model(config: RunConfig, num_labels: int) -> tuple[nn.Module, object]:
-    """The backbone with the task head and the configured PEFT method injected."""
+    """The backbone with the task head and the configured method's trainable parts injected."""
     model, tokenizer = load_model(
         config.model, num_labels, pooling=config.pooling, seed=config.seed
     )
-    unit = peft.METHODS["adapter" if config.method == "autofednlp" else config.method]
-    model = unit.inject(model, config.method_settings())
+    model = registry.get(config.method).inject(model, config)
     model.eval()
     return model, tokenizer
+
+
+def client_contexts(
+    partition: Partition,
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_labels: int,
+    train_groups: np.ndarray | None = None,
+) -> list[ClientContext]:
+    """Each client's row counts, label histograms and (natural partitions) group."""
+    contexts = []
+    for cid, (train_rows, test_rows) in enumerate(
+        zip(partition.train, partition.test, strict=True)
+    ):
+        group = None
+        if train_groups is not None and len(train_rows):
+            values, counts = np.unique(np.asarray(train_groups)[train_rows], return_counts=True)
+            group = str(values[np.argmax(counts)])
+        contexts.append(
+            ClientContext(
+                cid=cid,
+                num_rows=len(train_rows),
+                label_counts=np.bincount(train_labels[train_rows], minlength=num_labels),
+                group=group,
+                num_test_rows=len(test_rows),
+                test_label_counts=np.bincount(test_labels[test_rows], minlength=num_labels),
+            )
+        )
+    return contexts
 
 
 def build_job(config: RunConfig) -> Job:
@@ -143,8 +184,19 @@ def build_job(config: RunConfig) -> Job:
         }
     hf_config = model.config if hasattr(model, "config") else None
     num_layers = len(peft.base.encoder_layers(model))
-    extra_kv = config.prefix.num_virtual_tokens if config.method == "prefix" else 0
-    extra_tokens = config.prompt.num_virtual_tokens if config.method == "prompt" else 0
+    spec = registry.get(config.method)
+    settings = config.method_settings()
+    extra_kv = spec.extra_kv(settings) if spec.extra_kv else 0
+    extra_tokens = spec.extra_tokens(settings) if spec.extra_tokens else 0
+    contexts = client_contexts(
+        partition,
+        data["train"].labels.numpy(),
+        data["test"].labels.numpy(),
+        num_labels,
+        np.asarray(groups[0]) if groups else None,
+    )
+    method = build_method(config, num_layers, num_labels)
+    method.setup(contexts, num_labels)
     return Job(
         config=config,
         model=model,
@@ -153,7 +205,7 @@ def build_job(config: RunConfig) -> Job:
         validation=data.get("validation"),
         label_names=list(splits.train.label_names),
         partition=partition,
-        method=build_method(config, num_layers),
+        method=method,
         training=training_settings(config),
         profiles=cost.assign_profiles(
             config.num_clients,
@@ -167,5 +219,8 @@ def build_job(config: RunConfig) -> Job:
         num_layers=num_layers,
         extra_kv=extra_kv,
         extra_tokens=extra_tokens,
+        clients=contexts,
+        initial_state=trainable_state(model),
+        test_groups=np.asarray(groups[1]) if groups else None,
         caches=caches,
     )

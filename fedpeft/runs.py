@@ -11,7 +11,9 @@ Layout::
     metrics.jsonl        one JSON object per completed round
     summary.json         headline figures (written after every round, final at the end)
     weights.safetensors  final global trainable tensors
-    checkpoints/round-N/ global.safetensors + state.pt (method/server state, RNG, history)
+    best.safetensors     global trainable tensors of the round best on validation
+    checkpoints/round-N/ global.safetensors + state.json and state.safetensors (method/server
+                         state, clients' persistent tensors, RNG, history): no pickle anywhere
     checkpoint.json      which checkpoint is the latest complete one
 """
 
@@ -23,7 +25,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +80,75 @@ class Checkpoint:
     method_state: dict[str, Any]
     history: list[dict[str, Any]]
     rng: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # engine state: client store, caches
 
 
 def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), py_gauss],
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+
+
+# -- JSON + tensors, without pickle -----------------------------------------------------------------
+_TENSOR, _PAIRS = "__tensor__", "__pairs__"
+
+
+def split_tensors(value: Any, tensors: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict]:
+    """A nested structure -> (JSON-able structure, tensors): each tensor is replaced by a
+    reference to its key; dicts with non-string keys become key/value pairs."""
+    tensors = {} if tensors is None else tensors
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().contiguous().cpu()
+        return {_TENSOR: key}, tensors
+    if isinstance(value, np.ndarray):
+        return split_tensors(torch.from_numpy(value.copy()), tensors)
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and _TENSOR not in value:
+            return {k: split_tensors(v, tensors)[0] for k, v in value.items()}, tensors
+        pairs = [
+            [split_tensors(k, tensors)[0], split_tensors(v, tensors)[0]] for k, v in value.items()
+        ]
+        return {_PAIRS: pairs}, tensors
+    if isinstance(value, list | tuple):
+        return [split_tensors(v, tensors)[0] for v in value], tensors
+    if isinstance(value, np.generic):
+        return value.item(), tensors
+    if value is None or isinstance(value, bool | int | float | str):
+        return value, tensors
+    raise TypeError(f"cannot checkpoint a {type(value).__name__} (JSON values and tensors only)")
+
+
+def join_tensors(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of ``split_tensors`` (tuples come back as lists)."""
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return tensors[value[_TENSOR]]
+        if set(value) == {_PAIRS}:
+            return {
+                _hashable(join_tensors(k, tensors)): join_tensors(v, tensors)
+                for k, v in value[_PAIRS]
+            }
+        return {k: join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(v, tensors) for v in value]
+    return value
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
 
 
 class RunDir:
@@ -136,6 +193,10 @@ class RunDir:
     def weights_path(self) -> Path:
         return self.path / "weights.safetensors"
 
+    @property
+    def best_path(self) -> Path:
+        return self.path / "best.safetensors"
+
     # -- metrics --------------------------------------------------------------------------------
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl from the in-memory history (small; keeps it consistent on resume)."""
@@ -155,15 +216,17 @@ class RunDir:
             {k: v.contiguous() for k, v in ckpt.global_state.items()},
             str(tmp / "global.safetensors"),
         )
-        torch.save(
+        state, tensors = split_tensors(
             {
                 "round": ckpt.round,
                 "method": ckpt.method_state,
                 "history": ckpt.history,
                 "rng": ckpt.rng,
-            },
-            tmp / "state.pt",
+                "extra": ckpt.extra,
+            }
         )
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, default=_jsonable) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         write_json(
@@ -191,9 +254,15 @@ class RunDir:
         folder = self.path / pointer["folder"]
         try:
             global_state = load_file(str(folder / "global.safetensors"))
-            state = torch.load(folder / "state.pt", weights_only=False)
-        except (OSError, RuntimeError) as err:
+            tensors = load_file(str(folder / "state.safetensors"))
+            state = join_tensors(json.loads((folder / "state.json").read_text()), tensors)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise RunDirError(f"checkpoint {folder} is unreadable: {err}") from err
         return Checkpoint(
-            state["round"], global_state, state["method"], state["history"], state["rng"]
+            state["round"],
+            global_state,
+            state["method"],
+            state["history"],
+            state["rng"],
+            state.get("extra", {}),
         )

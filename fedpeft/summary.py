@@ -1,4 +1,15 @@
-"""Headline figures of a run, derived from its per-round metrics (the same for every engine)."""
+"""Headline figures of a run, derived from its per-round metrics (the same for every engine).
+
+The number fedpeft publishes for a run is ``test_accuracy_at_best_val``: the test accuracy of
+the round whose *validation* accuracy is best (ties: the earliest such round). A round is never
+picked by looking at test accuracy; the maximum over test rounds is kept only as
+``oracle_best_test_accuracy``, a name that says it is an oracle, and no table shows it. Without
+validation rows (``validation_size: 0``) the headline falls back to the final round's test
+accuracy and says so (``headline_source``).
+
+Rounds, bytes and simulated time *to a target* use test accuracy, as before: they answer "when
+did the global model first reach X on the test set", not "which round do we publish".
+"""
 
 from __future__ import annotations
 
@@ -41,8 +52,8 @@ def summarise(
         "rounds_planned": config.rounds,
         "rounds_completed": rounds,
         "complete": rounds == config.rounds,
-        "best_accuracy": best["accuracy"] if best else None,
-        "best_round": best["round"] if best else None,
+        "oracle_best_test_accuracy": best["accuracy"] if best else None,
+        "oracle_best_test_round": best["round"] if best else None,
         "final_accuracy": final["accuracy"] if final else None,
         "final_macro_f1": final["macro_f1"] if final else None,
         "trainable_params": trainable_params,
@@ -60,12 +71,30 @@ def summarise(
     }
     with_val = [row for row in evaluated if row.get("val_accuracy") is not None]
     if with_val:
-        chosen = max(with_val, key=lambda row: row["val_accuracy"])
+        chosen = max(with_val, key=lambda row: row["val_accuracy"])  # first of equals
         summary.update(
             best_val_accuracy=chosen["val_accuracy"],
             best_val_round=chosen["round"],
             test_accuracy_at_best_val=chosen["accuracy"],
             test_macro_f1_at_best_val=chosen["macro_f1"],
+            headline_source="test accuracy at the round best on validation",
+        )
+    else:
+        summary.update(
+            best_val_accuracy=None,
+            best_val_round=None,
+            test_accuracy_at_best_val=None,
+            test_macro_f1_at_best_val=None,
+            headline_source="final round's test accuracy (no validation rows)",
         )
     summary.update(extra or {})
     return summary
+
+
+def headline(summary: dict[str, Any]) -> float | None:
+    """The accuracy every table shows: test accuracy at the best-on-validation round, else (no
+    validation) the final round's test accuracy. Never the maximum over test rounds."""
+    value = summary.get("test_accuracy_at_best_val")
+    if value is None and summary.get("best_val_round") is None:
+        value = summary.get("final_accuracy")
+    return value

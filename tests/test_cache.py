@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedpeft import peft
 from fedpeft.cache import ActivationCache, cache_start_layer
 from fedpeft.client import LocalTraining, forward_logits, train_local
 from fedpeft.data.sources import load_source
@@ -18,10 +19,14 @@ from fedpeft.peft.base import trainable_parameters
 
 TINY4 = TinySpec(layers=4)
 
+from fedpeft import registry  # noqa: E402
+
 
 def _setup(toy_data, method="adapter", pooling="mean", **settings):
     model, tokenizer = load_model("tiny", 4, pooling=pooling, tiny=TINY4)
-    model = peft.METHODS[method].inject(model, peft.SETTINGS[method](**settings))
+    model = importlib.import_module("fedpeft.peft." + method).inject(
+        model, registry.get(method).settings(**settings)
+    )
     data = tokenize(load_source(str(toy_data)).train, tokenizer, 24)
     return model, data
 

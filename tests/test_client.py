@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
-from fedpeft import peft
+from fedpeft import (
+    peft,
+    registry,  # noqa: E402
+)
 from fedpeft.client import LocalTraining, batch_order, evaluate, macro_f1, train_local
 from fedpeft.data.sources import load_source
 from fedpeft.data.tokenize import tokenize
@@ -16,7 +21,9 @@ from fedpeft.peft.base import trainable_state
 
 def setup(toy_data):
     model, tok = load_model("tiny", 4, seed=0)
-    model = peft.METHODS["lora"].inject(model, peft.SETTINGS["lora"](r=4))
+    model = importlib.import_module("fedpeft.peft." + "lora").inject(
+        model, registry.get("lora").settings(r=4)
+    )
     data = tokenize(load_source(str(toy_data)).train, tok, 24)
     return model, data
 

@@ -23,7 +23,7 @@ def test_robust_settings_reach_the_server_algorithm():
     config = build_config(
         {"algorithm": "trimmed_mean", "robust": {"trim_ratio": 0.25, "clip_norm": 2.0}}
     )
-    algorithm = build_method(config, num_layers=6).algorithm
+    algorithm = build_method(config, num_layers=6, num_labels=4).algorithm
     assert (algorithm.name, algorithm.trim_ratio, algorithm.clip_norm) == (
         "trimmed_mean",
         0.25,

@@ -71,7 +71,18 @@ class ServerAlgorithm:
     def aggregate(
         self, global_state: State, client_states: list[State], num_samples: list[int]
     ) -> State:
-        """The next global state from this round's client states (only the exchanged tensors)."""
+        """The next global state from this round's client states (only the exchanged tensors).
+
+        Clients may upload a subset of the global keys (the same subset each: a method that
+        exchanges only some layers); those keys are aggregated and the rest keep their value.
+        """
+        uploaded = client_states[0].keys() if client_states else global_state.keys()
+        if uploaded != global_state.keys():
+            unknown = sorted(uploaded - global_state.keys())
+            if unknown:
+                raise ValueError(f"client state 0 has unexpected key {unknown[0]!r}")
+            part = {key: global_state[key] for key in global_state if key in uploaded}
+            return {**global_state, **self.aggregate(part, client_states, num_samples)}
         if self.clip_norm is not None:
             client_states = clip_updates(global_state, client_states, self.clip_norm)
         if self.name == "median":

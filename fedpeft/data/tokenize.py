@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedpeft.data.sources import TextDataset
 from fedpeft.paths import cache_dir
 
 CHUNK_ROWS = 4096
 """Rows per tokenizer call: big enough for the fast tokenizer's batching, small enough for memory."""
-_CACHE_FORMAT = "tokens-v1"
+_CACHE_FORMAT = "tokens-v2"
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _cache_path(cache_key: str, tokenizer, max_len: int) -> Path:
     name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     parts = [_CACHE_FORMAT, cache_key, str(name), str(len(tokenizer)), str(max_len)]
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
-    return cache_dir() / "tokens" / f"{digest}.pt"
+    return cache_dir() / "tokens" / f"{digest}.safetensors"
 
 
 def _load_cached(path: Path, expected_rows: int) -> TokenizedData | None:
@@ -148,7 +149,7 @@ def _load_cached(path: Path, expected_rows: int) -> TokenizedData | None:
     if not path.is_file():
         return None
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = load_file(str(path))
         data = TokenizedData(**{f.name: tensors[f.name] for f in fields(TokenizedData)})
     except Exception as err:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
         warnings.warn(f"ignoring unreadable token cache {path}: {err}", stacklevel=3)
@@ -161,9 +162,9 @@ def _save_atomic(data: TokenizedData, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f.name: getattr(data, f.name) for f in fields(TokenizedData)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(tensors, handle)
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

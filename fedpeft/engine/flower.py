@@ -58,30 +58,24 @@ from flwr.serverapp.strategy import Strategy  # noqa: E402
 from fedpeft import cost, payload  # noqa: E402
 from fedpeft.client import LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config, dump_config  # noqa: E402
-from fedpeft.engine.local import (  # noqa: E402
+from fedpeft.engine.run import (  # noqa: E402
+    ClientStore,
     ProgressHook,
-    evaluate_global,
-    metrics_row,
-    personalized_scores,
+    RunState,
+    check_upload,
+    expected_upload,
+    finish_round,
+    finish_run,
+    reject,
     sample_clients,
+    start_run,
     train_client,
+    weighted_train_loss,
 )
 from fedpeft.job import Job, build_job  # noqa: E402
-from fedpeft.methods import ClientUpdate, RoundReport  # noqa: E402
-from fedpeft.peft.base import (  # noqa: E402
-    State,
-    count_trainable,
-    load_trainable_state,
-    trainable_state,
-)
-from fedpeft.runs import (  # noqa: E402
-    Checkpoint,
-    RunDir,
-    rng_state,
-    set_rng_state,
-    write_safetensors,
-)
-from fedpeft.summary import summarise  # noqa: E402
+from fedpeft.methods.base import ClientUpdate, RoundReport  # noqa: E402
+from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
+from fedpeft.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("fedpeft.flower")
 CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML (deployment)
@@ -90,8 +84,10 @@ RUN_DIR_KEY = "run-dir"  # run-config key holding the run folder's path on the S
 
 def check_supported(config: RunConfig) -> None:
     """Refuse what the Flower engine does not run yet, in one line."""
-    if config.method == "autofednlp":
-        raise ConfigError("engine: flower does not run autofednlp yet (use engine: embedded)")
+    from fedpeft import registry
+
+    if "flower" not in registry.get(config.method).engines:
+        raise ConfigError(f"engine: flower does not run {config.method} yet (use engine: embedded)")
     if getattr(config, "quantize", "none") != "none":
         raise ConfigError("engine: flower sends float tensors; set quantize: none")
 
@@ -103,6 +99,7 @@ def to_state(record: ArrayRecord) -> State:
 
 # -- client side ----------------------------------------------------------------------------------
 _JOBS: dict[str, Job] = {}  # one job per process: the model and data load once, not per message
+_STORES: dict[str, ClientStore] = {}  # the clients' persistent tensors kept by this node process
 
 
 def client_job(config_yaml: str) -> tuple[Job, float, float]:
@@ -114,8 +111,14 @@ def client_job(config_yaml: str) -> tuple[Job, float, float]:
     started = time.time()
     since_start = started - psutil.Process().create_time()
     _JOBS.clear()
+    _STORES.clear()
     _JOBS[key] = build_job(build_config(yaml.safe_load(config_yaml)))
+    _STORES[key] = ClientStore()
     return _JOBS[key], since_start, time.time() - started
+
+
+def client_store(config_yaml: str) -> ClientStore:
+    return _STORES.setdefault(hashlib.sha256(config_yaml.encode()).hexdigest(), ClientStore())
 
 
 def train_on_message(msg: Message, config_yaml: str) -> Message:
@@ -126,10 +129,13 @@ def train_on_message(msg: Message, config_yaml: str) -> Message:
     received = to_state(msg.content["arrays"])
     job.method.prepare_client(job.model, rnd, cid)
     started = time.perf_counter()
-    sent, result, compute_s = train_client(job, rnd, cid, received)
+    work = train_client(job, rnd, cid, received, client_store(config_yaml).of(cid))
+    sent, result, compute_s = work.sent, work.result, work.compute_s
     train_s = time.perf_counter() - started
+    reported = {f"m.{key}": value for key, value in work.metrics.items()}
     metrics = MetricRecord(
         {
+            **reported,
             "cid": cid,
             "num-samples": result.num_samples,
             "steps": result.steps,
@@ -182,21 +188,16 @@ class FedpeftStrategy(Strategy):
         self,
         job: Job,
         run_dir: RunDir,
-        global_state: State,
-        history: list[dict[str, Any]],
-        first_round: int,
+        state: RunState,
         min_nodes: int,
         on_event: ProgressHook,
     ) -> None:
         self.job, self.config, self.method = job, job.config, job.method
         self.run_dir = run_dir
-        self.global_state = global_state
-        self.history = history
-        self.first_round = first_round
+        self.state = state
+        self.first_round = state.done + 1
         self.min_nodes = min_nodes
         self.on_event = on_event
-        self.trainable = count_trainable(job.model)
-        self.total = sum(p.numel() for p in job.model.parameters())
         self.report = RoundReport(0, [], train_loss=0.0)
         self.failed: list[int] = []
         self.down_bytes: dict[int, int] = {}
@@ -204,6 +205,10 @@ class FedpeftStrategy(Strategy):
         self.suspects: set[int] = set()  # nodes that missed the last round's deadline
         self.client_wall: dict[str, list[float]] = {}  # clients' own timings, this round
         self.started = self.sent_at = 0.0
+
+    @property
+    def global_state(self) -> State:
+        return self.state.global_state
 
     def summary(self) -> None:
         log.info(
@@ -263,13 +268,16 @@ class FedpeftStrategy(Strategy):
             return None
         metrics = reply.content["metrics"]
         cid = int(metrics["cid"])
-        state = to_state(reply.content["arrays"])
-        blob = payload.encode(state)
-        expected = {name: t for name, t in self.global_state.items() if name in state}
         try:
-            state = payload.decode(blob, expected=expected)
-        except payload.PayloadError as err:
-            log.warning("client %d sent an unusable update: %s", cid, err)
+            blob = payload.encode(to_state(reply.content["arrays"]))
+        except Exception as err:  # noqa: BLE001 - whatever a node sent, the round goes on
+            reject(self.report, cid, f"arrays do not convert to tensors: {err}", self.on_event)
+            return None
+        expected = expected_upload(self.job, self.report.rnd, cid, self.global_state)
+        state, reason = check_upload(blob, expected)
+        if state is None:
+            self.report.bytes_up += len(blob)
+            reject(self.report, cid, reason, self.on_event)
             return None
         result = LocalResult(
             int(metrics["num-samples"]),
@@ -285,7 +293,8 @@ class FedpeftStrategy(Strategy):
         self.report.client_sim_s.append(seconds)
         for key in ("start-s", "load-s", "train-s"):
             self.client_wall[key].append(float(metrics[key]))
-        return ClientUpdate(cid, state, result.num_samples, result), len(blob)
+        reported = {key[2:]: value for key, value in metrics.items() if key.startswith("m.")}
+        return ClientUpdate(cid, state, result.num_samples, result, reported), len(blob)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -301,7 +310,7 @@ class FedpeftStrategy(Strategy):
                 report.bytes_up += checked[1]
         # The embedded engine's order (sampled order), so the float sums match it exactly.
         updates.sort(key=lambda u: report.clients.index(u.cid))
-        answered = {u.cid for u in updates}
+        answered = {u.cid for u in updates} | {r["cid"] for r in report.rejected}
         self.failed = [cid for cid in report.clients if cid not in answered]
         self.suspects = {self.node_of[cid] for cid in self.failed if cid in self.node_of}
         report.extra["clients_failed"] = self.failed
@@ -313,16 +322,12 @@ class FedpeftStrategy(Strategy):
         for done, update in enumerate(updates, start=1):
             info = {"round": report.rnd, "done": done, "of": len(report.clients)}
             self.on_event("client", {**info, "loss": update.result.mean_loss})
-        if not updates:
-            log.warning("round %d: no client answered; the global state is unchanged", report.rnd)
-            report.train_loss = float("nan")
-            return None, None
-        samples = sum(u.result.samples_seen for u in updates)
-        report.train_loss = (
-            sum(u.result.mean_loss * u.result.samples_seen for u in updates) / samples
-        )
+        report.train_loss = weighted_train_loss(updates)
         report.sim_time_s = cost.round_time_s(report.client_sim_s)
-        self.global_state = self.method.aggregate(report.rnd, self.global_state, updates)
+        if not updates:
+            log.warning("round %d: no usable update; the global state is unchanged", report.rnd)
+            return None, None
+        self.state.global_state = self.method.aggregate(report.rnd, self.global_state, updates)
         metrics = MetricRecord({"train-loss": report.train_loss, "clients": len(updates)})
         return ArrayRecord.from_torch_state_dict(self.global_state), metrics
 
@@ -340,20 +345,10 @@ class FedpeftStrategy(Strategy):
         """Evaluate the new global state and write the round's row, checkpoint and summary."""
         if server_round == 0:
             return None  # Flower's look at the starting weights; fedpeft rows start at round 1
-        job, history, rnd = self.job, self.history, self.report.rnd
-        load_trainable_state(job.model, self.global_state)
-        row = metrics_row(self.report, history)
-        evaluate_global(job, rnd, row)
-        wall = time.perf_counter() - self.started
-        previous = history[-1]["wall_time_total_s"] if history else 0.0
-        row.update(wall_time_s=wall, wall_time_total_s=previous + wall)
-        history.append(row)
-        self.run_dir.save_checkpoint(
-            Checkpoint(rnd, self.global_state, self.method.state_dict(), history, rng_state())
+        load_trainable_state(self.job.model, self.global_state)
+        row = finish_round(
+            self.job, self.run_dir, self.state, self.report, self.started, self.on_event
         )
-        self.run_dir.write_metrics(history)
-        self.run_dir.write_summary(summarise(self.config, history, self.trainable, self.total))
-        self.on_event("round_end", row)
         scores = {k: row[k] for k in ("accuracy", "macro_f1") if row.get(k) is not None}
         return MetricRecord(scores)
 
@@ -368,31 +363,18 @@ def serve(
     """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary."""
     config = job.config
     on_event = on_event or (lambda _kind, _info: None)
-    ckpt = run_dir.load_checkpoint()
-    if ckpt is None:
-        global_state, history, done = trainable_state(job.model), [], 0
-    else:
-        global_state, history, done = ckpt.global_state, ckpt.history, ckpt.round
-        job.method.load_state_dict(ckpt.method_state)
-        set_rng_state(ckpt.rng)
-        run_dir.write_metrics(history)
-        on_event("resume", {"round": done})
-    load_trainable_state(job.model, global_state)
-    strategy = FedpeftStrategy(job, run_dir, global_state, history, done + 1, min_nodes, on_event)
-    if done < config.rounds:
+    state = start_run(job, run_dir, on_event)
+    load_trainable_state(job.model, state.global_state)
+    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event)
+    if state.done < config.rounds:
         strategy.start(
             grid,
-            ArrayRecord.from_torch_state_dict(global_state),
-            num_rounds=config.rounds - done,
+            ArrayRecord.from_torch_state_dict(state.global_state),
+            num_rounds=config.rounds - state.done,
             timeout=config.flower.round_timeout_s,
             evaluate_fn=strategy.finish_round,
         )
-    load_trainable_state(job.model, strategy.global_state)
-    extra = personalized_scores(job) if config.personalized_eval else {}
-    summary = summarise(config, history, strategy.trainable, strategy.total, extra)
-    run_dir.write_summary(summary)
-    write_safetensors(run_dir.weights_path, strategy.global_state)
-    return summary
+    return finish_run(job, run_dir, state)
 
 
 # -- simulation -----------------------------------------------------------------------------------

@@ -1,24 +1,27 @@
-"""The seed systems fedpeft implements, each one file of hooks around the shared engine."""
+"""The seed systems fedpeft implements, each one file of hooks around the shared engine.
 
-from fedpeft.methods.autofednlp import AutoFedNLP, AutoFedNLPSettings
+A system registers itself with a module-level ``SPEC`` (``fedpeft.registry``); the engine only
+calls the hooks of ``FederatedMethod`` (``methods/base.py``).
+"""
+
 from fedpeft.methods.base import (
+    ClientContext,
     ClientFit,
     ClientRunner,
+    ClientSession,
     ClientUpdate,
     FederatedMethod,
     RoundDriver,
     RoundReport,
 )
-from fedpeft.methods.fedpetuning import FedPETuning
 
 __all__ = [
-    "AutoFedNLP",
-    "AutoFedNLPSettings",
+    "ClientContext",
     "ClientFit",
     "ClientRunner",
+    "ClientSession",
     "ClientUpdate",
     "FederatedMethod",
-    "FedPETuning",
     "RoundDriver",
     "RoundReport",
 ]

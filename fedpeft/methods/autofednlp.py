@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,9 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedpeft.algorithms.fedavg import weighted_average
-from fedpeft.methods.base import ClientRunner, ClientUpdate, RoundReport, State
+from fedpeft.methods.base import ClientRunner, ClientUpdate, RoundDriver, RoundReport, State
+from fedpeft.peft import adapter as adapter_unit
 from fedpeft.peft.adapter import AdapterSettings, set_layout
 from fedpeft.peft.base import load_trainable_state, trainable_state
+from fedpeft.registry import MethodSpec
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
 
 
 class AutoFedNLPSettings(BaseModel):
@@ -77,7 +82,7 @@ class Candidate:
 ORDER = ("shallow", "wide", "deep")
 
 
-class AutoFedNLP:
+class AutoFedNLP(RoundDriver):
     name = "autofednlp"
 
     def __init__(
@@ -151,15 +156,18 @@ class AutoFedNLP:
             rng = np.random.default_rng([runner.seed, rnd, group, rounds])
             chosen = sorted(int(c) for c in rng.choice(pool, size=per_round, replace=False))
             fits = [runner.fit(rnd, cid, state, stream=(group, rounds)) for cid in chosen]
-            updates: list[ClientUpdate] = [fit.update for fit in fits]
-            state = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+            updates: list[ClientUpdate] = [fit.update for fit in fits if fit.update is not None]
+            if updates:  # a round whose every upload was rejected leaves the state as it was
+                state = weighted_average(
+                    [u.state for u in updates], [u.num_samples for u in updates]
+                )
             elapsed += max(fit.sim_time_s for fit in fits)
             up += sum(fit.bytes_up for fit in fits)
             down += sum(fit.bytes_down for fit in fits)
             wall += sum(fit.wall_s for fit in fits)
             loss_sum += sum(u.result.mean_loss * u.result.samples_seen for u in updates)
             seen += sum(u.result.samples_seen for u in updates)
-            clients += chosen
+            clients += [u.cid for u in updates]
             rounds += 1
         return {
             "state": state,
@@ -200,7 +208,7 @@ class AutoFedNLP:
                     "name": c.name,
                     "depth": c.depth,
                     "width": c.width,
-                    **{k: v for k, v in runs[c.name].items() if k not in ("state", "clients")},
+                    **{k: v for k, v in runs[c.name].items() if k != "state"},
                 }
                 for c in candidates
             ],
@@ -222,22 +230,6 @@ class AutoFedNLP:
     def shape_model(self, model: nn.Module) -> None:
         self._shape(model, self.depth, self.width)
 
-    # -- the default-round hooks: a client trains what it receives and sends it all back --------
-    def prepare_client(self, model: nn.Module, rnd: int, cid: int) -> None:
-        return None
-
-    def download(self, rnd: int, cid: int, global_state: State) -> State:
-        return global_state
-
-    def local_loss(self, params: Mapping[str, nn.Parameter], received: State) -> None:
-        return None
-
-    def after_backward(self, model: nn.Module, cid: int) -> None:
-        return None
-
-    def upload(self, rnd: int, cid: int, trained: State) -> State:
-        return trained
-
     def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
         return weighted_average([u.state for u in updates], [u.num_samples for u in updates])
 
@@ -247,3 +239,37 @@ class AutoFedNLP:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.depth = state.get("depth", self.depth)
         self.width = state.get("width", self.width)
+
+
+def _start_settings(config: RunConfig) -> AdapterSettings:
+    """Bottleneck adapters in the starting configuration (the ``adapter:`` section otherwise)."""
+    start = config.autofednlp
+    return config.adapter.model_copy(
+        update={"depth": start.start_depth, "width": start.start_width, "layers": None}
+    )
+
+
+def _check(config: RunConfig) -> None:
+    if config.num_clients < 3 * config.clients_per_round:
+        raise ValueError(
+            f"num_clients: autofednlp splits clients into 3 trial groups of "
+            f"clients_per_round ({config.clients_per_round}); needs >= {3 * config.clients_per_round}"
+        )
+    if config.validation_size == 0:
+        raise ValueError("validation_size: autofednlp picks trial winners on it; set > 0")
+    if config.algorithm != "fedavg":
+        raise ValueError("algorithm: autofednlp aggregates with fedavg, as the reference")
+
+
+SPEC = MethodSpec(
+    name="autofednlp",
+    summary="AutoFedNLP (Cai et al., MobiCom 2023): adapter depth/width upgraded by client trials",
+    settings=AutoFedNLPSettings,
+    inject=lambda model, config: adapter_unit.inject(model, _start_settings(config)),
+    default_lr=1e-2,  # the adapter's (FedPETuning study, validation-only selection)
+    system=lambda config, info: AutoFedNLP(
+        config.autofednlp, _start_settings(config), info.num_layers, config.clients_per_round
+    ),
+    check=_check,
+    engines=("embedded",),
+)

@@ -2,8 +2,9 @@
 
 Clients receive the global trainable state (PEFT tensors + task head), train it locally, and
 upload it; the server combines the uploads with the chosen algorithm (FedAvg weighted by client
-samples, FedProx, or a server optimiser: FedAdam / FedYogi / FedAdagrad). Only trainable tensors
-travel; the frozen backbone never does.
+samples, FedProx, a server optimiser: FedAdam / FedYogi / FedAdagrad, or a robust rule). Only
+trainable tensors travel; the frozen backbone never does. This is what every plain PEFT unit
+(``method: lora`` etc.) runs: their ``MethodSpec.system`` is None.
 """
 
 from __future__ import annotations
@@ -15,31 +16,19 @@ import torch
 from torch import nn
 
 from fedpeft.algorithms import ServerAlgorithm
-from fedpeft.methods.base import ClientUpdate, State
+from fedpeft.methods.base import ClientUpdate, FederatedMethod, State
 
 
-class FedPETuning:
+class FedPETuning(FederatedMethod):
     name = "fedpetuning"
 
     def __init__(self, algorithm: ServerAlgorithm):
         self.algorithm = algorithm
 
-    def prepare_client(self, model: nn.Module, rnd: int, cid: int) -> None:
-        return None
-
-    def download(self, rnd: int, cid: int, global_state: State) -> State:
-        return global_state
-
     def local_loss(
         self, params: Mapping[str, nn.Parameter], received: State
     ) -> torch.Tensor | None:
         return self.algorithm.client_loss(params, received)
-
-    def after_backward(self, model: nn.Module, cid: int) -> None:
-        return None
-
-    def upload(self, rnd: int, cid: int, trained: State) -> State:
-        return trained
 
     def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
         return self.algorithm.aggregate(

@@ -1,14 +1,12 @@
-"""PEFT methods, one unit each with the same surface: ``Settings`` and ``inject(model, settings)``.
+"""PEFT units, one file each with the same surface: a settings class, ``inject(model, settings)``
+and a ``SPEC`` that registers it (``fedpeft.registry``).
 
 After ``inject`` exactly the method's tensors and the task head have ``requires_grad``; reading and
-writing that trainable state is shared (``fedpeft.peft.base``). Adding a method touches this table.
+writing that trainable state is shared (``fedpeft.peft.base``). Adding a unit is one new file here.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
-from fedpeft.peft import adapter, bitfit, full, lora, prefix, prompt
 from fedpeft.peft.base import (
     State,
     count_trainable,
@@ -18,27 +16,7 @@ from fedpeft.peft.base import (
     trainable_state,
 )
 
-METHODS: dict[str, ModuleType] = {
-    "lora": lora,
-    "adapter": adapter,
-    "prefix": prefix,
-    "prompt": prompt,
-    "bitfit": bitfit,
-    "full": full,
-}
-
-SETTINGS = {
-    "lora": lora.LoraSettings,
-    "adapter": adapter.AdapterSettings,
-    "prefix": prefix.PrefixSettings,
-    "prompt": prompt.PromptSettings,
-    "bitfit": bitfit.BitfitSettings,
-    "full": full.FullSettings,
-}
-
 __all__ = [
-    "METHODS",
-    "SETTINGS",
     "State",
     "count_trainable",
     "load_trainable_state",

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedpeft.peft.base import encoder_layers, freeze_all, resolve_layers, unfreeze_head
+from fedpeft.registry import MethodSpec
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -160,3 +161,12 @@ def inject(model: nn.Module, settings: AdapterSettings) -> nn.Module:
         adapter.requires_grad_(True)
     unfreeze_head(model)
     return model
+
+
+SPEC = MethodSpec(
+    name="adapter",
+    summary="bottleneck adapters (Houlsby/Pfeiffer) after sub-layer outputs, any depth and width",
+    settings=AdapterSettings,
+    inject=lambda model, config: inject(model, config.adapter),
+    default_lr=0.01,  # the FedPETuning study's validation-only lr selection
+)

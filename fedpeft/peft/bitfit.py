@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedpeft.peft.base import encoder_layers, freeze_all, resolve_layers, unfreeze_head
+from fedpeft.registry import MethodSpec
 
 
 class BitfitSettings(BaseModel):
@@ -30,3 +31,12 @@ def inject(model: nn.Module, settings: BitfitSettings) -> nn.Module:
                 p.requires_grad_(True)
     unfreeze_head(model)
     return model
+
+
+SPEC = MethodSpec(
+    name="bitfit",
+    summary="BitFit (Ben Zaken et al., 2022): only the backbone's bias terms train",
+    settings=BitfitSettings,
+    inject=lambda model, config: inject(model, config.bitfit),
+    default_lr=0.005,  # the FedPETuning study's validation-only lr selection
+)

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedpeft.peft.base import encoder_layers, freeze_all, resolve_layers, unfreeze_head
+from fedpeft.registry import MethodSpec
 
 
 class FullSettings(BaseModel):
@@ -30,3 +31,12 @@ def inject(model: nn.Module, settings: FullSettings) -> nn.Module:
             p.requires_grad_(True)
     unfreeze_head(model)
     return model
+
+
+SPEC = MethodSpec(
+    name="full",
+    summary="full fine-tuning (or layer freezing with depth): the baseline",
+    settings=FullSettings,
+    inject=lambda model, config: inject(model, config.full),
+    default_lr=0.0005,  # the FedPETuning study's validation-only lr selection
+)

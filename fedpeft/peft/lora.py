@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedpeft.peft.base import encoder_layers, freeze_all, resolve_layers, unfreeze_head
+from fedpeft.registry import MethodSpec
 
 
 class LoraSettings(BaseModel):
@@ -40,3 +41,12 @@ def inject(model: nn.Module, settings: LoraSettings) -> nn.Module:
         model = inject_adapter_in_model(config, model)
     unfreeze_head(model)
     return model
+
+
+SPEC = MethodSpec(
+    name="lora",
+    summary="LoRA (Hu et al., 2022): low-rank updates beside the query/value projections",
+    settings=LoraSettings,
+    inject=lambda model, config: inject(model, config.lora),
+    default_lr=0.01,  # the FedPETuning study's validation-only lr selection
+)

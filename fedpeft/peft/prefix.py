@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedpeft.peft.base import unfreeze_head
+from fedpeft.registry import MethodSpec
 
 
 class PrefixSettings(BaseModel):
@@ -29,3 +30,13 @@ def inject(model: nn.Module, settings: PrefixSettings) -> nn.Module:
     model = get_peft_model(model, config)
     unfreeze_head(model)
     return model
+
+
+SPEC = MethodSpec(
+    name="prefix",
+    summary="prefix-tuning (Li & Liang, 2021): trained key/value vectors in every layer",
+    settings=PrefixSettings,
+    inject=lambda model, config: inject(model, config.prefix),
+    default_lr=0.01,  # the FedPETuning study's validation-only lr selection
+    extra_kv=lambda s: s.num_virtual_tokens,
+)

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedpeft.peft.base import unfreeze_head
+from fedpeft.registry import MethodSpec
 
 
 class PromptSettings(BaseModel):
@@ -22,3 +23,13 @@ def inject(model: nn.Module, settings: PromptSettings) -> nn.Module:
     model = get_peft_model(model, config)
     unfreeze_head(model)
     return model
+
+
+SPEC = MethodSpec(
+    name="prompt",
+    summary="prompt-tuning (Lester et al., 2021): trained soft tokens before the text",
+    settings=PromptSettings,
+    inject=lambda model, config: inject(model, config.prompt),
+    default_lr=0.05,  # the FedPETuning study's validation-only lr selection
+    extra_tokens=lambda s: s.num_virtual_tokens,
+)

@@ -73,7 +73,9 @@ def test_upgrade_keeps_weights_and_output(toy_data, candidate):
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="validation_size"):
-        build_config({"method": "autofednlp", "num_clients": 30, "clients_per_round": 5})
+        build_config(
+            {"method": "autofednlp", "num_clients": 30, "clients_per_round": 5, "validation_size": 0}
+        )
     with pytest.raises(ConfigError, match="3 trial groups"):
         build_config({"method": "autofednlp", "num_clients": 10, "validation_size": 10})
 

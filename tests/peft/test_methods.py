@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from fedpeft import peft
+from fedpeft import (
+    registry,  # noqa: E402
+)
 from fedpeft.models import load_model
 from fedpeft.peft import adapter
 from fedpeft.peft.base import (
@@ -15,11 +19,13 @@ from fedpeft.peft.base import (
     trainable_state,
 )
 
+PEFT_UNITS = [name for name, spec in registry.methods().items() if spec.system is None]
+
 
 def tiny(method: str, **settings):
     model, tok = load_model("tiny", 4, seed=0)
-    unit = peft.METHODS[method]
-    model = unit.inject(model, peft.SETTINGS[method](**settings))
+    unit = importlib.import_module("fedpeft.peft." + method)
+    model = unit.inject(model, registry.get(method).settings(**settings))
     return model.eval(), tok
 
 
@@ -71,7 +77,7 @@ def test_full_trains_everything_and_depth_freezes_below():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embeddings" in n)
 
 
-@pytest.mark.parametrize("method", list(peft.METHODS))
+@pytest.mark.parametrize("method", PEFT_UNITS)
 def test_state_round_trip_reproduces_outputs(method):
     model, tok = tiny(method)
     inputs = batch(tok)
@@ -103,7 +109,7 @@ def test_load_rejects_mismatched_state():
 
 
 def test_methods_train_their_tensors_only():
-    for method in peft.METHODS:
+    for method in PEFT_UNITS:
         model, tok = tiny(method)
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         logits = model(**batch(tok)).logits
@@ -132,7 +138,7 @@ def test_adapter_width_and_depth_upgrades_keep_outputs():
     adapter.grow_width(model, 16)
     assert all(a.width == 16 for a in adapter.adapters(model))
     assert torch.allclose(model(**inputs).logits, before, atol=1e-6)
-    adapter.add_adapters(model, [0], peft.SETTINGS["adapter"](width=16))
+    adapter.add_adapters(model, [0], registry.get("adapter").settings(width=16))
     for a in adapter.adapters(model):
         a.requires_grad_(True)
     assert lowest_trainable_layer(model, 2) == 0

@@ -1,0 +1,415 @@
+"""The one run skeleton both engines share: a client's local step, upload checks, resume, the end
+of a round (metrics row, evaluation, best weights, checkpoint) and the end of a run.
+
+The embedded engine (``engine/local.py``) and the Flower engine (``engine/flower.py``) differ only
+in how messages travel and who drives the rounds; everything a run records is written here, so
+the two engines produce the same run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedpeft import cost, payload
+from fedpeft.cache import cache_start_layer
+from fedpeft.client import Evaluation, LocalResult, evaluate, train_local
+from fedpeft.job import Job
+from fedpeft.methods.base import ClientSession, ClientUpdate, RoundReport
+from fedpeft.peft.base import (
+    State,
+    count_trainable,
+    count_trainable_per_token,
+    load_trainable_state,
+    lowest_trainable_layer,
+    trainable_parameters,
+    trainable_state,
+)
+from fedpeft.runs import Checkpoint, RunDir, rng_state, set_rng_state, write_safetensors, write_text
+from fedpeft.summary import summarise
+
+log = logging.getLogger("fedpeft.run")
+ProgressHook = Callable[[str, dict[str, Any]], None]
+
+
+# -- who trains, with which seed ------------------------------------------------------------------
+def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> list[int]:
+    """The clients of round ``rnd``: a seeded draw that does not depend on earlier rounds."""
+    rng = np.random.default_rng([seed, rnd])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def client_seed(seed: int, rnd: int, cid: int, *stream: int) -> int:
+    """``stream`` tells apart several fits of one client in one round (AutoFedNLP's trials)."""
+    return int(np.random.SeedSequence([seed, rnd, cid, *stream]).generate_state(1)[0])
+
+
+# -- one client's local step ----------------------------------------------------------------------
+@dataclass
+class ClientWork:
+    """What a client's local step produced, before it is encoded and sent."""
+
+    sent: State
+    result: LocalResult
+    compute_s: float
+    metrics: dict[str, Any]
+
+
+class ClientStore:
+    """Each client's persistent tensors (``ClientSession.store``), kept between its rounds.
+
+    In the embedded engine they live here, keyed by client, and go into every checkpoint; a
+    client only ever sees its own entry.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[int, State] = {}
+
+    def of(self, cid: int) -> State:
+        return self._states.setdefault(cid, {})
+
+    def get(self, cid: int) -> State | None:
+        return self._states.get(cid)
+
+    def state_dict(self) -> dict[str, State]:
+        return {str(cid): dict(state) for cid, state in self._states.items() if state}
+
+    def load_state_dict(self, state: dict[str, State]) -> None:
+        self._states = {int(cid): dict(tensors) for cid, tensors in state.items()}
+
+
+def reset_untouched(job: Job, received: State) -> None:
+    """Give every trainable tensor the client did not receive its initial value, so nothing of the
+    previous client's training stays in the resident model."""
+    params = trainable_parameters(job.model)
+    untouched = {
+        name: job.initial_state[name]
+        for name in params.keys() - received.keys()
+        if name in job.initial_state and job.initial_state[name].shape == params[name].shape
+    }
+    if untouched:
+        load_trainable_state(job.model, untouched, strict=False)
+
+
+def train_client(
+    job: Job,
+    rnd: int,
+    cid: int,
+    received: State,
+    store: State,
+    stream: tuple[int, ...] = (),
+) -> ClientWork:
+    """One client's local work, the same in every engine: load the received tensors into the
+    job's model (already shaped by ``prepare_client``), let the method prepare the session, train,
+    and return what the method uploads, the training result, the simulated compute seconds on the
+    client's device and the metrics the client reports.
+
+    With the activation cache the frozen bottom is skipped for rows already cached; the device is
+    charged the top layers, plus one bottom forward for each row it had to compute (cache misses).
+    """
+    model, method = job.model, job.method
+    reset_untouched(job, received)
+    load_trainable_state(model, received, strict=False)
+    cache = job.caches.get("train")
+    cached_from = cache_start_layer(model) if cache is not None else None
+    misses_before = cache.stats.misses if cache is not None else 0
+
+    def forward(batch, rows):
+        if cached_from is not None:
+            return cache.logits(model, batch, rows)
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    session = ClientSession(
+        rnd=rnd,
+        cid=cid,
+        model=model,
+        data=job.train,
+        rows=job.partition.train[cid],
+        received=received,
+        store=store,
+        context=job.clients[cid],
+        forward=forward,
+    )
+    method.begin_client(session)
+    result = train_local(
+        model,
+        job.train,
+        session.rows,
+        job.training,
+        seed=client_seed(job.config.seed, rnd, cid, *stream),
+        extra_loss=lambda params: method.local_loss(params, received),
+        after_backward=lambda trained: method.after_backward(trained, cid),
+        forward=(lambda _model, batch, rows: forward(batch, rows)) if cached_from else None,
+        condition=lambda batch, rows: method.condition(model, batch, rows, training=True, cid=cid),
+        masks=session.masks,
+    )
+    method.end_client(session)
+    sent = method.upload(rnd, cid, trainable_state(model))
+    per_token, embeddings = count_trainable_per_token(model)
+    seq_len = round(result.mean_seq_len) + job.extra_tokens
+    flops = cost.train_flops(
+        job.dims,
+        seq_len,
+        result.samples_seen,
+        lowest_trainable_layer=lowest_trainable_layer(model, job.num_layers),
+        trainable_params=per_token,
+        embeddings_trainable=embeddings,
+        extra_kv=job.extra_kv,
+        cached_below=cached_from is not None,
+    )
+    if cached_from is not None:
+        misses = cache.stats.misses - misses_before
+        flops += misses * cached_from * cost.layer_forward_flops(job.dims, seq_len, job.extra_kv)
+    flops += session.extra_flops
+    device, _network = job.profiles[cid]
+    metrics = json.loads(json.dumps(session.metrics))  # what can travel: plain numbers
+    return ClientWork(sent, result, cost.compute_time_s(flops, device), metrics)
+
+
+# -- the server's check of an upload --------------------------------------------------------------
+def expected_upload(job: Job, rnd: int, cid: int, global_state: State) -> State:
+    """The names, shapes and dtypes the method asked this client for (its upload selection
+    applied to the server's state)."""
+    return job.method.upload(rnd, cid, global_state)
+
+
+def check_upload(blob: bytes, expected: State) -> tuple[State | None, str | None]:
+    """(decoded state, None) for a usable upload, else (None, the reason in one line)."""
+    try:
+        return payload.decode(blob, expected=expected), None
+    except payload.PayloadError as err:
+        return None, str(err)
+
+
+def weighted_train_loss(updates: list[ClientUpdate]) -> float:
+    """The round's training loss: clients' mean losses weighted by the samples they saw."""
+    samples = sum(u.result.samples_seen for u in updates)
+    if not samples:
+        return float("nan")
+    return sum(u.result.mean_loss * u.result.samples_seen for u in updates) / samples
+
+
+def reject(report: RoundReport, cid: int, reason: str, on_event: ProgressHook) -> None:
+    log.warning("round %d: client %d's update rejected: %s", report.rnd, cid, reason)
+    report.rejected.append({"cid": cid, "reason": reason})
+    on_event("rejected", {"round": report.rnd, "cid": cid, "reason": reason})
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def _condition(job: Job, cid: int | None):
+    model, method = job.model, job.method
+    return lambda batch, rows: method.condition(model, batch, rows, training=False, cid=cid)
+
+
+def evaluate_split(job: Job, split: str) -> Evaluation:
+    """The job's model as it is now (the global state) on all rows of 'test' or 'validation'."""
+    data = job.test if split == "test" else job.validation
+    if data is None:
+        raise ValueError(f"the job has no {split} rows")
+    job.method.prepare_eval(job.model, None, None)
+    cache = job.caches.get(split)
+    forward = cache.logits if cache is not None else None
+    groups = job.test_groups if split == "test" else None
+    return evaluate(
+        job.model,
+        data,
+        np.arange(len(data)),
+        job.config.eval_batch_size,
+        forward,
+        condition=_condition(job, None),
+        groups=groups,
+    )
+
+
+def evaluate_global(job: Job, rnd: int, row: dict[str, Any]) -> None:
+    """Score the job's model (holding the global state) on the test and validation rows into
+    ``row``; rounds between ``eval_every`` get None so every row has the same keys."""
+    config = job.config
+    if rnd % config.eval_every and rnd != config.rounds:
+        row.update(accuracy=None, macro_f1=None, eval_loss=None)
+        if job.validation is not None:
+            row.update(val_accuracy=None, val_macro_f1=None)
+        return
+    result = evaluate_split(job, "test")
+    row.update(accuracy=result.accuracy, macro_f1=result.macro_f1, eval_loss=result.loss)
+    if result.group_accuracy is not None:
+        row.update(
+            group_accuracy=result.group_accuracy,
+            group_accuracy_mean=float(np.mean(list(result.group_accuracy.values()))),
+        )
+    if job.validation is not None:
+        val = evaluate_split(job, "validation")
+        row.update(val_accuracy=val.accuracy, val_macro_f1=val.macro_f1)
+    if "train" in job.caches:
+        stats = job.caches["train"].stats
+        row.update(cache_hits=stats.hits, cache_misses=stats.misses)
+        row.update(cache_mb=sum(c.nbytes for c in job.caches.values()) / 1e6)
+
+
+def personalized_scores(job: Job, global_state: State, store: ClientStore) -> dict[str, Any]:
+    """Each client's own test rows, scored with the model as the method personalises it for that
+    client (its persistent tensors, its conditioning): mean, weighted and worst accuracy, and per
+    group for natural partitions."""
+    accs, sizes, groups = [], [], []
+    for cid, rows in enumerate(job.partition.test):
+        if len(rows) == 0:
+            continue
+        load_trainable_state(job.model, global_state)
+        job.method.prepare_eval(job.model, cid, store.get(cid))
+        result = evaluate(
+            job.model, job.test, rows, job.config.eval_batch_size, condition=_condition(job, cid)
+        )
+        accs.append(result.accuracy)
+        sizes.append(len(rows))
+        groups.append(job.clients[cid].group)
+    load_trainable_state(job.model, global_state)
+    if not accs:
+        return {}
+    scores = {
+        "personalized_accuracy_mean": float(np.mean(accs)),
+        "personalized_accuracy_weighted": float(np.average(accs, weights=sizes)),
+        "personalized_accuracy_min": float(np.min(accs)),
+    }
+    if any(g is not None for g in groups):
+        per_group: dict[str, list[float]] = {}
+        for acc, group in zip(accs, groups, strict=True):
+            per_group.setdefault(str(group), []).append(acc)
+        scores["personalized_group_accuracy"] = {g: float(np.mean(v)) for g, v in per_group.items()}
+        scores["personalized_group_accuracy_mean"] = float(
+            np.mean([np.mean(v) for v in per_group.values()])
+        )
+    return scores
+
+
+# -- the run: start or resume, end of round, end of run -------------------------------------------
+@dataclass
+class RunState:
+    """What a run carries from round to round (all of it goes into each checkpoint)."""
+
+    global_state: State
+    history: list[dict[str, Any]]
+    done: int  # rounds completed
+    store: ClientStore = field(default_factory=ClientStore)
+    best_val: float | None = None
+
+
+def _note(on_event: ProgressHook, text: str) -> None:
+    log.info(text)
+    on_event("note", {"text": text})
+
+
+def start_run(job: Job, run_dir: RunDir, on_event: ProgressHook) -> RunState:
+    """A fresh run's starting state, or the last checkpoint's (method, RNG, client store, caches)."""
+    if job.validation is None:
+        _note(
+            on_event,
+            "no validation rows (validation_size: 0): the headline is the final round's test "
+            "accuracy",
+        )
+    ckpt = run_dir.load_checkpoint()
+    if ckpt is None:
+        return RunState(trainable_state(job.model), [], 0)
+    state = RunState(ckpt.global_state, ckpt.history, ckpt.round)
+    job.method.load_state_dict(ckpt.method_state)
+    state.store.load_state_dict(ckpt.extra.get("store", {}))
+    for split, cache_state in ckpt.extra.get("caches", {}).items():
+        if split in job.caches and hasattr(job.caches[split], "load_state_dict"):
+            job.caches[split].load_state_dict(cache_state, job.model)
+    set_rng_state(ckpt.rng)
+    vals = [row["val_accuracy"] for row in state.history if row.get("val_accuracy") is not None]
+    state.best_val = max(vals) if vals else None
+    run_dir.write_metrics(state.history)
+    on_event("resume", {"round": state.done})
+    return state
+
+
+def metrics_row(report: RoundReport, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics.jsonl row of a round: its own figures plus running totals."""
+    last = history[-1] if history else {}
+    return {
+        "round": report.rnd,
+        "clients": report.clients,
+        "train_loss": report.train_loss,
+        "bytes_up": report.bytes_up,
+        "bytes_down": report.bytes_down,
+        "sim_time_s": report.sim_time_s,
+        "bytes_up_total": last.get("bytes_up_total", 0) + report.bytes_up,
+        "bytes_down_total": last.get("bytes_down_total", 0) + report.bytes_down,
+        "sim_time_total_s": last.get("sim_time_total_s", 0.0) + report.sim_time_s,
+        "train_wall_s": report.train_wall_s,
+        "clients_rejected": report.rejected,
+        **report.extra,
+    }
+
+
+def _checkpoint_extra(job: Job, state: RunState) -> dict[str, Any]:
+    caches = {
+        split: cache.state_dict()
+        for split, cache in job.caches.items()
+        if hasattr(cache, "state_dict")
+    }
+    return {"store": state.store.state_dict(), "caches": caches}
+
+
+def finish_round(
+    job: Job,
+    run_dir: RunDir,
+    state: RunState,
+    report: RoundReport,
+    started: float,
+    on_event: ProgressHook,
+) -> dict[str, Any]:
+    """After aggregation (the job's model holds the new global state): evaluate, record the
+    round, keep the best-on-validation weights, checkpoint, rewrite metrics and summary."""
+    history = state.history
+    row = metrics_row(report, history)
+    evaluate_global(job, report.rnd, row)
+    wall = time.perf_counter() - started
+    previous = history[-1]["wall_time_total_s"] if history else 0.0
+    row.update(wall_time_s=wall, wall_time_total_s=previous + wall)
+    history.append(row)
+    state.done = report.rnd
+    val = row.get("val_accuracy")
+    if val is not None and (state.best_val is None or val > state.best_val):
+        state.best_val = val
+        write_safetensors(run_dir.best_path, state.global_state)
+    run_dir.save_checkpoint(
+        Checkpoint(
+            report.rnd,
+            state.global_state,
+            job.method.state_dict(),
+            history,
+            rng_state(),
+            _checkpoint_extra(job, state),
+        )
+    )
+    run_dir.write_metrics(history)
+    if "trial" in row:  # methods that search configurations record every trial
+        trials = [r["trial"] for r in history if "trial" in r]
+        write_text(run_dir.path / "trials.jsonl", "".join(json.dumps(t) + "\n" for t in trials))
+    run_dir.write_summary(summarise(job.config, history, *_param_counts(job)))
+    on_event("round_end", row)
+    return row
+
+
+def _param_counts(job: Job) -> tuple[int, int]:
+    return count_trainable(job.model), sum(p.numel() for p in job.model.parameters())
+
+
+def finish_run(job: Job, run_dir: RunDir, state: RunState) -> dict[str, Any]:
+    """The final summary (with personalised scores when asked) and the final weights."""
+    load_trainable_state(job.model, state.global_state)
+    counts = _param_counts(job)
+    extra = {}
+    if job.config.personalized_eval:
+        extra = personalized_scores(job, state.global_state, state.store)
+    summary = summarise(job.config, state.history, *counts, extra)
+    run_dir.write_summary(summary)
+    write_safetensors(run_dir.weights_path, state.global_state)
+    return summary
