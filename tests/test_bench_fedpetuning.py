@@ -1,5 +1,6 @@
-"""The FedPETuning study (benchmarks/fedpetuning.py): the --quick path end to end on the tiny model
-and synthetic data, resumable cells, lr chosen on validation only, a report with missing cells."""
+"""The FedPETuning study (benchmarks/fedpetuning.py, on benchmarks/harness.py): the --quick path end
+to end on the tiny model and synthetic data, resumable cells, lr chosen on validation only, a report
+with missing cells, its headline JSON."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import pytest
 import yaml
 
 from fedpeft.cli import main as cli
+from fedpeft.config import build_config, dump_config
 from fedpeft.paths import REPO_ROOT
 from tests.conftest import write_dataset
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import fedpetuning as study  # noqa: E402
+import harness  # noqa: E402
 
 KEPT = {"config.yaml", "metrics.jsonl", "summary.json"}
 
@@ -62,6 +65,20 @@ def test_quick_runs_every_cell_and_writes_the_report(quick_out):
     assert "against the paper's pattern" in page.lower()
     for name in ("fedpetuning_accuracy_vs_alpha.png", "fedpetuning_accuracy_vs_bytes.png"):
         assert (quick_out.parent / name).stat().st_size > 0
+    figures = json.loads((quick_out.parent / "fedpetuning.json").read_text())
+    assert figures["study"] == "fedpetuning" and figures["headline"] == "test_accuracy_at_best_val"
+    assert figures["cells"]["study_missing"] == 0
+    cell = study.cell("grid", "rte", "lora", "iid", 4, quick=True)
+    summary = json.loads((quick_out / cell.folder / "summary.json").read_text())
+    ours = figures["grid"]["rte"]["lora"]["iid"]
+    assert ours["accuracy"] == summary["test_accuracy_at_best_val"]
+    assert ours["trainable_params"] == summary["trainable_params"]
+    assert set(figures["scale"]["accuracy"]["full"]) == {"4", "8"}
+    assert {c["verdict"] for c in figures["pattern"].values() if isinstance(c, dict)} <= {
+        "agrees",
+        "differs",
+        "undecided",
+    }
 
 
 def test_grid_cells_use_the_selected_lr_and_validation(quick_out):
@@ -75,7 +92,7 @@ def test_grid_cells_use_the_selected_lr_and_validation(quick_out):
 
 def test_lr_selection_reads_validation_never_test(tmp_path):
     """Two lrs where validation and test disagree: the validation winner is chosen."""
-    cells = [study.Cell("lr", "ag_news", "lora", "a1", 4, lr) for lr in (5e-3, 1e-2)]
+    cells = [study.cell("lr", "ag_news", "lora", "a1", 4, lr, quick=True) for lr in (5e-3, 1e-2)]
     scores = {5e-3: (0.9, 0.1), 1e-2: (0.2, 0.99)}  # lr -> (validation, test)
     for cell in cells:
         val, test = scores[cell.lr]
@@ -88,11 +105,13 @@ def test_lr_selection_reads_validation_never_test(tmp_path):
             "test_accuracy_at_best_val": test,
         }
         (folder / "summary.json").write_text(json.dumps(summary))
-    selection = study.select_lrs(tmp_path, cells)
+    selection = harness.select_lrs(tmp_path, cells)
     assert selection["winners"] == {"lora": 5e-3}
     assert selection["scored_on"] == "validation"
-    config = study.cell_config(cells[0], quick=True, lrs={})
+    config = cells[0].config(harness.lr_for(cells[0], {"lora": 1e-2}))  # an lr cell: its own lr
     assert config["validation_size"] > 0 and config["lr"] == 5e-3
+    grid_cell = study.cell("grid", "rte", "lora", "iid", 4, quick=True)  # a study cell: the winner
+    assert grid_cell.config(harness.lr_for(grid_cell, selection["winners"]))["lr"] == 5e-3
 
 
 def test_finished_cells_are_skipped_and_broken_ones_redone(
@@ -101,8 +120,8 @@ def test_finished_cells_are_skipped_and_broken_ones_redone(
     out = tmp_path / "fedpetuning"
     shutil.copytree(quick_out, out)
     only = ["--only", "dataset=rte", "--only", "method=lora", "--only", "skew=iid"]
-    lr_cell = study.Cell("lr", "ag_news", "lora", "a1", 4, 5e-3)
-    done = study.Cell("grid", "rte", "lora", "iid", 4)
+    lr_cell = study.cell("lr", "ag_news", "lora", "a1", 4, 5e-3, quick=True)
+    done = study.cell("grid", "rte", "lora", "iid", 4, quick=True)
     before = (out / done.folder / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
     assert cli(["bench", "fedpetuning", "--quick", "--out", str(out), *only]) == 0
@@ -114,7 +133,7 @@ def test_finished_cells_are_skipped_and_broken_ones_redone(
     # killed before its summary said complete, checkpoint present: resumed from it
     shutil.rmtree(out / done.folder)
     with monkeypatch.context() as patch:
-        patch.setattr(study, "_tidy", lambda folder: None)  # keep the checkpoint this time
+        patch.setattr(harness, "_tidy", lambda folder: None)  # keep the checkpoint this time
         assert cli(["bench", "fedpetuning", "--quick", "--out", str(out), *only]) == 0
     summary_path = out / done.folder / "summary.json"
     summary = json.loads(summary_path.read_text())
@@ -150,20 +169,24 @@ def test_report_renders_with_missing_cells(quick_out, shared, tmp_path):
     assert f"Missing: {len(study_cells)} study cells" in text
     assert "—" in text and "undecided" in text
 
-    kept = study.Cell("grid", "rte", "full", "iid", 4)
+    kept = study.cell("grid", "rte", "full", "iid", 4, quick=True)
     shutil.copytree(quick_out / kept.folder, out / kept.folder)
     assert cli(["bench", "fedpetuning", "--quick", "--out", str(out), "--report-only"]) == 0
     text = page.read_text()
     assert f"Missing: {len(study_cells) - 1} study cells" in text
     assert "| lora | — | — |" in text  # the method without cells: dashes, not a crash
+    figures = json.loads((tmp_path / "fedpetuning.json").read_text())
+    assert figures["grid"]["rte"]["lora"]["iid"] is None
+    assert figures["grid"]["rte"]["full"]["iid"]["accuracy"] is not None
+    assert figures["pattern"]["prefix_weakest"]["verdict"] == "undecided"
 
 
 def test_filters_and_parts_are_checked(capsys):
-    assert study.parse_only(["dataset=rte,sst2", "method=lora"]) == {
+    assert harness.parse_only(["dataset=rte,sst2", "method=lora"], study.STUDY.keys) == {
         "dataset": {"rte", "sst2"},
         "method": {"lora"},
     }
-    assert study.parse_part("2/3") == (2, 3)
+    assert harness.parse_part("2/3") == (2, 3)
     assert cli(["bench", "fedpetuning", "--quick", "--only", "colour=red", "--report-only"]) == 2
     assert "--only expects" in capsys.readouterr().err
     assert cli(["bench", "fedpetuning", "--quick", "--part", "4/3"]) == 2
@@ -173,21 +196,21 @@ def test_filters_and_parts_are_checked(capsys):
 
 def test_only_the_grid_keys_decide_staleness(quick_out, shared):
     """A key the package adds later does not make finished cells stale; a grid key does."""
-    cell = study.Cell("grid", "rte", "bitfit", "iid", 4)
+    cell = study.cell("grid", "rte", "bitfit", "iid", 4, quick=True)
     winners = json.loads((quick_out / "lr_selection.json").read_text())["winners"]
-    config = study.cell_config(cell, quick=True, lrs=winners)
-    wanted = study.dump_config(study.build_config(config))
+    config = cell.config(harness.lr_for(cell, winners))
+    wanted = dump_config(build_config(config))
     folder = quick_out / cell.folder
-    assert study.cell_state(folder, wanted, set(config)) == "done"
-    assert study.cell_state(folder, wanted + "new_setting: 1\n", set(config)) == "done"
+    assert harness.cell_state(folder, wanted, set(config)) == "done"
+    assert harness.cell_state(folder, wanted + "new_setting: 1\n", set(config)) == "done"
     changed = wanted.replace("max_seq_len: 24", "max_seq_len: 32")
-    assert study.cell_state(folder, changed, set(config)) == "stale"
+    assert harness.cell_state(folder, changed, set(config)) == "stale"
 
 
 def test_datasets_at_chance_are_left_out_of_the_pattern():
     """rte where full fine-tuning sits at chance: excluded from the gap and weakest-method checks,
     and the page says so; ag_news, well above chance, stays."""
-    s = study._settings(quick=False)
+    s = study.SETTINGS
     cells = {}
     for skew in s["skews"]:
         cells[("ag_news", "full", skew)] = {"test_accuracy_at_best_val": 0.80}
