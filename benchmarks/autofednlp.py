@@ -14,7 +14,19 @@ Time-to-target = simulated time until the global test accuracy first reaches the
 "99% of converged accuracy", with vanilla as the reference). A separate micro-benchmark times local
 training of the same client rows with and without the activation cache, per configuration.
 
-    fedpeft bench autofednlp [--quick] [--out benchmarks/results]
+    fedpeft bench autofednlp [--quick] [--out benchmarks/results]    # both datasets side by side
+    fedpeft bench autofednlp --only dataset=ag_news --only run=vanilla,ftq   # a sitting's share
+    fedpeft bench autofednlp --report-only                            # rewrite the page
+
+Every run is a resumable cell of the shared harness (``benchmarks/harness.py``) under
+``<out>/autofednlp_runs/<dataset>/<run>``: a finished run is skipped (delete its folder to redo
+it), an interrupted one resumes from its checkpoint. The cache micro-benchmark runs in a sitting
+without ``--only``/``--part``/``--report-only`` and is kept in ``cache_speedup.json`` beside the
+runs (delete it to measure again). The page is ``<out>/autofednlp.md``, its figures
+``<out>/autofednlp.json`` and ``<out>/autofednlp_<dataset>.json``; a dataset's section waits
+until all its runs are finished. "best acc" is the best test accuracy over rounds and the targets
+derive from vanilla's (the reference's definition of time-to-accuracy); the JSON also carries each
+run's test accuracy at its best-on-validation round (``accuracy``).
 """
 
 from __future__ import annotations
@@ -27,27 +39,27 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import harness as h
 import numpy as np
 import torch
 
 from fedpeft.cache import ActivationCache
-from fedpeft.config import build_config, dump_config
-from fedpeft.engine.local import EmbeddedEngine
+from fedpeft.config import build_config
 from fedpeft.job import build_job
 from fedpeft.peft import adapter as adapter_unit
 from fedpeft.plots import plot_overlay
-from fedpeft.report import load_run
-from fedpeft.runs import RunDir
 
 TARGET_FRACTION = 0.99
 COST = {"devices": ["jetson_tx2"], "networks": ["reference_1mbps"]}
+CACHE_FILE = "cache_speedup.json"
 
 
 @dataclass
-class Study:
+class Setting:
     """One dataset's setting and the budget of each method (rounds; periods for autofednlp)."""
 
     dataset: str
@@ -90,16 +102,16 @@ def _common(quick: bool) -> dict[str, Any]:
     }
 
 
-def studies(quick: bool) -> list[Study]:
+def settings(quick: bool) -> list[Setting]:
     common = _common(quick)
     if quick:
         rounds = {"vanilla": 2, "ftq": 2, "lf": 2, "adapter": 2, "autofednlp": 2}
         return [
-            Study("ag_news", "dirichlet", 10.0, common, rounds, 1e-3, [1], [(1, 8)]),
+            Setting("ag_news", "dirichlet", 10.0, common, rounds, 1e-3, [1], [(1, 8)]),
         ]
     rounds = {"vanilla": 10, "ftq": 10, "lf": 12, "adapter": 16, "autofednlp": 10}
     return [
-        Study(
+        Setting(
             "ag_news",
             "dirichlet",
             10.0,
@@ -109,7 +121,7 @@ def studies(quick: bool) -> list[Study]:
             lf_depths=[1, 2],
             adapter_grid=[(1, 8), (2, 16), (4, 32)],
         ),
-        Study(
+        Setting(
             "20newsgroups",
             "iid",
             1.0,
@@ -122,7 +134,7 @@ def studies(quick: bool) -> list[Study]:
     ]
 
 
-def method_configs(study: Study) -> dict[str, dict[str, Any]]:
+def method_configs(study: Setting) -> dict[str, dict[str, Any]]:
     """Run name -> config dict, every run on the same data, clients and cost model."""
     base = {
         **study.common,
@@ -177,30 +189,29 @@ def method_configs(study: Study) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def run_one(name: str, config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    cfg = build_config({**config, "name": name})
-    shutil.rmtree(folder, ignore_errors=True)
-    run = RunDir.create(folder, dump_config(cfg))
-    started = time.perf_counter()
-    summary = EmbeddedEngine(build_job(cfg), run).run()
-    print(
-        f"  {name}: best acc {summary['best_accuracy']:.3f} in {time.perf_counter() - started:.0f} s"
-    )
-    return summary
+def _named(config: dict[str, Any], name: str, lr: float | None) -> dict[str, Any]:
+    return {**config, "name": name}
 
 
-def run_study(job: tuple[Study, Path, bool]) -> dict[str, Path]:
-    """Run every method of a study; with ``reuse``, keep finished run folders of an earlier call."""
-    study, work, reuse = job
-    torch.set_num_threads(study.common.get("threads", 1))
-    folders = {}
-    for name, config in method_configs(study).items():
-        folders[name] = work / study.dataset / name
-        if reuse and (folders[name] / "weights.safetensors").is_file():
-            continue
-        print(f"{study.dataset}:", end="")
-        run_one(name, config, folders[name])
-    return folders
+def grid(quick: bool = False) -> list[h.Cell]:
+    """Every run of every dataset, as harness cells ``<dataset>/<run>`` (no lr selection)."""
+    return [
+        h.Cell(
+            f"{study.dataset}/{name}",
+            {"dataset": study.dataset, "run": name},
+            partial(_named, config, name),
+        )
+        for study in settings(quick)
+        for name, config in method_configs(study).items()
+    ]
+
+
+def _run_dataset(job: tuple[bool, Path, str]) -> None:
+    """One dataset's cells, in a worker process of its own."""
+    quick, runs, dataset = job
+    torch.set_num_threads(1)
+    cells = grid(quick)
+    h.run_cells(runs, cells, h.sitting(cells, {"dataset": {dataset}}), f"autofednlp {dataset}")
 
 
 def time_to_target(metrics: list[dict[str, Any]], target: float) -> float | None:
@@ -225,19 +236,22 @@ def _ratio(reference: float | None, reference_total: float, ours: float | None) 
     return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
 
 
-def summarise_study(study: Study, folders: dict[str, Path], out: Path) -> list[str]:
-    records = {name: load_run(folder) for name, folder in folders.items()}
+def summarise_study(
+    study: Setting, runs: dict[str, dict[str, Any]], out: Path, work: Path
+) -> tuple[list[str], dict[str, Any]]:
+    """A dataset's section of the page and its figures, from its finished runs (summary plus
+    ``metrics``); ``out``: where the page and plots go, ``work``: the run folders."""
 
     def best_accuracy(metrics: list[dict[str, Any]]) -> float:
         return max((r["accuracy"] for r in metrics if r.get("accuracy") is not None), default=0.0)
 
-    vanilla_best = best_accuracy(records["vanilla"].metrics)
+    vanilla_best = best_accuracy(runs["vanilla"]["metrics"])
     target = TARGET_FRACTION * vanilla_best
-    overall_best = max(best_accuracy(record.metrics) for record in records.values())
+    overall_best = max(best_accuracy(run["metrics"]) for run in runs.values())
     high = TARGET_FRACTION * overall_best
     facts = {}
-    for name, record in records.items():
-        metrics = record.metrics
+    for name, run in runs.items():
+        metrics = run["metrics"]
         facts[name] = {
             "best": best_accuracy(metrics),
             "ttt": time_to_target(metrics, target),
@@ -292,8 +306,8 @@ def summarise_study(study: Study, folders: dict[str, Path], out: Path) -> list[s
             f"{f['total'] / 60:.2f} min | {f['bytes'] / 1e6:.1f} | "
             f"{f['wall']:.0f} s ({f['train_wall']:.0f} s) |"
         )
-    trials = [r.get("trial") for r in records["autofednlp"].metrics]
-    path = [f"({r['depth']},{r['width']})" for r in records["autofednlp"].metrics]
+    trials = [r.get("trial") for r in runs["autofednlp"]["metrics"]]
+    path = [f"({r['depth']},{r['width']})" for r in runs["autofednlp"]["metrics"]]
     lines += [
         "",
         "AutoFedNLP configuration after each trial period: " + " ".join(path),
@@ -303,14 +317,14 @@ def summarise_study(study: Study, folders: dict[str, Path], out: Path) -> list[s
         ),
         "",
     ]
-    plots_dir = next(iter(folders.values())).parent / "plots"  # beside the run folders
+    plots_dir = work / study.dataset / "plots"  # beside the run folders
     plots = plot_overlay(
-        [(name, record.metrics) for name, record in records.items()],
+        [(name, run["metrics"]) for name, run in runs.items()],
         plots_dir,
         title=f"{study.dataset}: accuracy vs simulated time",
     )
     dest = out / f"autofednlp_{study.dataset}_acc_vs_sim_time.png"
-    plot_log_time(records, dest, f"{study.dataset}: accuracy vs simulated time", target)
+    plot_log_time(runs, dest, f"{study.dataset}: accuracy vs simulated time", target)
     lines += [f"![{study.dataset}: accuracy vs simulated time]({dest.name})", ""]
     depth_plot = next((p for p in plots if p.name == "depth_width.png"), plots_dir / "none")
     if depth_plot.is_file():
@@ -318,10 +332,28 @@ def summarise_study(study: Study, folders: dict[str, Path], out: Path) -> list[s
         shutil.copy(depth_plot, dest)
         lines += [f"![{study.dataset}: AutoFedNLP depth and width]({dest.name})", ""]
     (out / f"autofednlp_{study.dataset}.json").write_text(json.dumps(facts, indent=1))
-    return lines
+    figures = {
+        "target_a": target,
+        "target_b": high,
+        "lf_oracle": lf_oracle,
+        "best_fixed_adapter": best_adapter,
+        "runs": {
+            name: {
+                "accuracy": h.headline(run),
+                "best_test_accuracy": facts[name]["best"],
+                "sim_time_to_a_s": facts[name]["ttt"],
+                "sim_time_to_b_s": facts[name]["ttt_high"],
+                "sim_time_total_s": facts[name]["total"],
+                "bytes": facts[name]["bytes"],
+                "trainable_params": run["trainable_params"],
+            }
+            for name, run in runs.items()
+        },
+    }
+    return lines, figures
 
 
-def plot_log_time(records: dict[str, Any], path: Path, title: str, target: float) -> None:
+def plot_log_time(runs: dict[str, Any], path: Path, title: str, target: float) -> None:
     """Accuracy against simulated time on a log axis: the runs span four decades of time."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -329,10 +361,10 @@ def plot_log_time(records: dict[str, Any], path: Path, title: str, target: float
     fig = Figure(figsize=(7.0, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, record in records.items():
+    for name, run in runs.items():
         points = [
             (r["sim_time_total_s"], 100 * r["accuracy"])
-            for r in record.metrics
+            for r in run["metrics"]
             if r.get("accuracy") is not None and r["sim_time_total_s"] > 0
         ]
         style = {"linewidth": 2.5, "color": "black"} if name == "autofednlp" else {}
@@ -344,7 +376,7 @@ def plot_log_time(records: dict[str, Any], path: Path, title: str, target: float
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=110)
+    h.save(fig, path)
 
 
 def cache_speedup(quick: bool, repeats: int = 2) -> list[str]:
@@ -386,38 +418,39 @@ def cache_speedup(quick: bool, repeats: int = 2) -> list[str]:
     return lines + [""]
 
 
-def main(quick: bool = False, out: Path | None = None, reuse: bool = False) -> Path:
-    out = Path(
-        out or ("runs/bench-quick" if quick else "benchmarks/results")
-    )  # quick: no clobbering
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / ("autofednlp_quick_runs" if quick else "autofednlp_runs")
-    torch.set_num_threads(2 if not quick else 1)
-    started = time.perf_counter()
-    sections = []
-    all_studies = studies(quick)
-    jobs = [(study, work, reuse) for study in all_studies]
-    if quick or len(jobs) == 1:
-        results = [run_study(job) for job in jobs]
-    else:  # one process per dataset: two single-threaded runs use 2 cores better than one
-        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
-            results = pool.map(run_study, jobs)
-    for study, folders in zip(all_studies, results, strict=True):
-        sections += summarise_study(study, folders, out)
-    print("cache micro-benchmark:")
-    cache_lines = cache_speedup(quick)
-    elapsed = time.perf_counter() - started
-    command = "fedpeft bench autofednlp" + (" --quick" if quick else "")
+def report(r: h.Results) -> tuple[list[str], dict[str, Any]]:
+    """The page from the finished runs: a section per dataset once all its runs are finished."""
+    out, sections, figures = r.out.parent, [], {}
+    for study in settings(r.quick):
+        runs = {c.run: v for c, v in r.select(dataset=study.dataset).items()}
+        wanted = list(method_configs(study))
+        if all(name in runs for name in wanted):
+            lines, figures[study.dataset] = summarise_study(study, runs, out, r.out)
+            sections += lines
+        else:
+            missing = [name for name in wanted if name not in runs]
+            sections += [
+                f"### {study.dataset}",
+                "",
+                f"{len(wanted) - len(missing)} of {len(wanted)} runs finished; this section waits "
+                f"for {', '.join(missing)}.",
+                "",
+            ]
+    cache = r.out / CACHE_FILE
+    cache_lines = json.loads(cache.read_text())["lines"] if cache.is_file() else []
+    run_time = sum(v.get("wall_time_total_s", 0.0) for v in r.found.values())
+    command = "fedpeft bench autofednlp" + (" --quick" if r.quick else "")
     header = [
         "## AutoFedNLP: time-to-accuracy against fixed configurations",
         "",
-        f"Command: `{command}` ({elapsed / 60:.1f} min on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}; the two datasets ran side by side, "
-        "one process and one thread each, while other work shared the machine).",
+        f"Command: `{command}` ({run_time / 60:.1f} min of run time in the {len(r.found)} finished "
+        f"runs; reported on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}; the two datasets run side by side, one process and one "
+        "thread each, while other work may share the machine).",
         "",
         (
             "Quick mode: the tiny random BERT on a few hundred rows, a plumbing check only. "
-            if quick
+            if r.quick
             else ""
         )
         + "Setting: MiniLM-L6 (all-MiniLM-L6-v2, mean pooling), max_seq_len 40, 100 clients with 20 "
@@ -433,20 +466,47 @@ def main(quick: bool = False, out: Path | None = None, reuse: bool = False) -> P
         *sections,
         "### Activation cache: real local-training wall-clock",
         "",
-        *cache_lines,
+        *(cache_lines or ["Not measured yet: a sitting without --only/--part measures it.", ""]),
     ]
-    name = "autofednlp_quick.md" if quick else "autofednlp.md"
-    (out / name).write_text("\n".join(header) + "\n")
-    print(f"results: {out / name}")
-    return out / name
+    return header, {"datasets": figures, "cache_speedup": cache_lines}
+
+
+STUDY = h.Study(
+    "autofednlp",
+    ("dataset", "run"),
+    grid,
+    report,
+    out=lambda quick: Path(
+        "runs/bench-quick/autofednlp_quick_runs" if quick else "benchmarks/results/autofednlp_runs"
+    ),
+    stem=lambda out: out.name.removesuffix("_runs"),
+)
+
+
+def main(
+    quick: bool = False,
+    out: Path | None = None,
+    only: list[str] | None = None,
+    part: str | None = None,
+    report_only: bool = False,
+) -> Path:
+    """Run the cells that are not finished (both datasets side by side when the whole study
+    runs), the cache micro-benchmark if not measured yet, then rewrite the page."""
+    out = Path(
+        out or ("runs/bench-quick" if quick else "benchmarks/results")
+    )  # quick: no clobbering
+    runs = out / ("autofednlp_quick_runs" if quick else "autofednlp_runs")
+    torch.set_num_threads(2 if not quick else 1)
+    whole = not (only or part or report_only)
+    if whole and not quick:  # one process per dataset: two single-threaded runs use 2 cores better
+        datasets = [study.dataset for study in settings(quick)]
+        with multiprocessing.get_context("spawn").Pool(len(datasets)) as pool:
+            pool.map(_run_dataset, [(quick, runs, dataset) for dataset in datasets])
+    if whole and not (runs / CACHE_FILE).is_file():
+        print("cache micro-benchmark:")
+        h.write_json(runs / CACHE_FILE, {"lines": cache_speedup(quick)})
+    return h.main(STUDY, quick, runs, only, part, report_only or (whole and not quick))
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs, redo the rest")
-    args = parser.parse_args()
-    main(args.quick, Path(args.out) if args.out else None, args.reuse)
+    h.cli(STUDY, __doc__)

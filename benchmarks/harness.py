@@ -94,15 +94,24 @@ class Cell:
 @dataclass
 class Study:
     """What a study file declares. ``grid(quick)``: every cell, in run order; ``report(results)``:
-    the page's lines and the headline figures (a JSON-able dict)."""
+    the page's lines and the headline figures (a JSON-able dict). Optional: ``out(quick)``, the
+    cells' default folder (``benchmarks/results/<name>``; quick: ``runs/<name>_quick``), and
+    ``stem(out)``, the name of the page, JSON and plots beside that folder (its name)."""
 
     name: str
     keys: tuple[str, ...]
     grid: Callable[[bool], list[Cell]]
     report: Callable[[Results], tuple[list[str], dict[str, Any]]]
+    out: Callable[[bool], Path] | None = None
+    stem: Callable[[Path], str] | None = None
 
     def default_out(self, quick: bool) -> Path:
+        if self.out is not None:
+            return Path(self.out(quick))
         return Path(f"runs/{self.name}_quick" if quick else f"benchmarks/results/{self.name}")
+
+    def page_stem(self, out: Path) -> str:
+        return out.name if self.stem is None else self.stem(out)
 
 
 @dataclass
@@ -118,14 +127,14 @@ class Results:
 
     @property
     def page(self) -> Path:
-        return self.out.parent / f"{self.out.name}.md"
+        return self.out.parent / f"{self.study.page_stem(self.out)}.md"
 
     @property
     def json_path(self) -> Path:
-        return self.out.parent / f"{self.out.name}.json"
+        return self.out.parent / f"{self.study.page_stem(self.out)}.json"
 
     def plot_path(self, suffix: str) -> Path:
-        return self.out.parent / f"{self.out.name}_{suffix}.png"
+        return self.out.parent / f"{self.study.page_stem(self.out)}_{suffix}.png"
 
     @property
     def command(self) -> str:
@@ -388,9 +397,13 @@ def load_cells(out: Path, cells: Iterable[Cell]) -> dict[Cell, dict[str, Any]]:
 
 
 def write_report(study: Study, out: Path, quick: bool, cells: list[Cell]) -> Path:
-    """The page and the headline JSON from whatever cells are finished (the rest shows as —)."""
+    """The page and the headline JSON from whatever cells are finished (the rest shows as —).
+    A page is not replaced by one without any finished cell (their folder may be elsewhere)."""
     found = load_cells(out, cells)
     results = Results(study, out, quick, cells, found, select_lrs(out, cells))
+    if not found and results.page.is_file():
+        print(f"no finished cells under {out}: {results.page} left as it is")
+        return results.page
     lines, data = study.report(results)
     results.page.parent.mkdir(parents=True, exist_ok=True)
     write_text(results.page, "\n".join(lines) + "\n")
