@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 from fedpeft.config import build_config, dump_config
 from fedpeft.report import load_run
 from fedpeft.runs import RunDir, RunDirError, write_text
+from fedpeft.summary import headline as summary_headline
 
 DASH = "—"
 LR_SELECTION_FILE = "lr_selection.json"
@@ -481,12 +482,7 @@ def write_headline_json(path: Path, data: Mapping[str, Any]) -> Path:
 def headline(summary: Mapping[str, Any] | None) -> float | None:
     """The accuracy a study publishes for a cell: test accuracy at the round best on validation;
     without validation rows, the final round's test accuracy. Never a maximum over test rounds."""
-    if summary is None:
-        return None
-    value = summary.get("test_accuracy_at_best_val")
-    if value is None and summary.get("best_val_round") is None:
-        value = summary.get("final_accuracy")
-    return value
+    return None if summary is None else summary_headline(dict(summary))
 
 
 def per_client_round(summary: Mapping[str, Any]) -> float:
