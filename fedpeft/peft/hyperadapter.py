@@ -210,7 +210,7 @@ def generation_flops(
     num_labels: int,
     num_layers: int,
     batch_size: int,
-    seq_len: int,
+    seq_len: float,
     training: bool,
 ) -> float:
     """FLOPs the C2A adapters add to one batch, beyond what the generic cost model counts.
