@@ -32,7 +32,7 @@ class AdapterSettings(BaseModel):
         "pfeiffer",
         description="pfeiffer: after the FFN; houlsby: after attention and after the FFN",
     )
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="bottleneck activation")
     init_std: float = Field(1e-2, gt=0, description="std of the down-projection's initial weights")
 
 
