@@ -58,20 +58,8 @@ from flwr.serverapp.strategy import Strategy  # noqa: E402
 from fedpeft import cost, payload  # noqa: E402
 from fedpeft.client import LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config, dump_config  # noqa: E402
-from fedpeft.engine.run import (  # noqa: E402
-    ClientStore,
-    ProgressHook,
-    RunState,
-    check_upload,
-    expected_upload,
-    finish_round,
-    finish_run,
-    reject,
-    sample_clients,
-    start_run,
-    train_client,
-    weighted_train_loss,
-)
+from fedpeft.engine import run as skeleton  # noqa: E402
+from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
 from fedpeft.job import Job, build_job  # noqa: E402
 from fedpeft.methods.base import ClientUpdate, RoundReport  # noqa: E402
 from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
@@ -99,7 +87,9 @@ def to_state(record: ArrayRecord) -> State:
 
 # -- client side ----------------------------------------------------------------------------------
 _JOBS: dict[str, Job] = {}  # one job per process: the model and data load once, not per message
-_STORES: dict[str, ClientStore] = {}  # the clients' persistent tensors kept by this node process
+_STORES: dict[
+    str, skeleton.ClientStore
+] = {}  # the clients' persistent tensors kept by this node process
 
 
 def client_job(config_yaml: str) -> tuple[Job, float, float]:
@@ -113,12 +103,14 @@ def client_job(config_yaml: str) -> tuple[Job, float, float]:
     _JOBS.clear()
     _STORES.clear()
     _JOBS[key] = build_job(build_config(yaml.safe_load(config_yaml)))
-    _STORES[key] = ClientStore()
+    _STORES[key] = skeleton.ClientStore()
     return _JOBS[key], since_start, time.time() - started
 
 
-def client_store(config_yaml: str) -> ClientStore:
-    return _STORES.setdefault(hashlib.sha256(config_yaml.encode()).hexdigest(), ClientStore())
+def client_store(config_yaml: str) -> skeleton.ClientStore:
+    return _STORES.setdefault(
+        hashlib.sha256(config_yaml.encode()).hexdigest(), skeleton.ClientStore()
+    )
 
 
 def train_on_message(msg: Message, config_yaml: str) -> Message:
@@ -129,7 +121,7 @@ def train_on_message(msg: Message, config_yaml: str) -> Message:
     received = to_state(msg.content["arrays"])
     job.method.prepare_client(job.model, rnd, cid)
     started = time.perf_counter()
-    work = train_client(job, rnd, cid, received, client_store(config_yaml).of(cid))
+    work = skeleton.train_client(job, rnd, cid, received, client_store(config_yaml).of(cid))
     sent, result, compute_s = work.sent, work.result, work.compute_s
     train_s = time.perf_counter() - started
     reported = {f"m.{key}": value for key, value in work.metrics.items()}
@@ -232,7 +224,7 @@ class FedpeftStrategy(Strategy):
         # A node that just missed a deadline gets no clients this round (it may be dead; the
         # SuperLink only notices after its heartbeats lapse); it is used again afterwards.
         nodes = [n for n in connected if n not in self.suspects] or connected
-        clients = sample_clients(
+        clients = skeleton.sample_clients(
             self.config.seed, rnd, self.config.num_clients, self.config.clients_per_round
         )
         self.report = RoundReport(rnd, clients, train_loss=0.0)
@@ -271,13 +263,15 @@ class FedpeftStrategy(Strategy):
         try:
             blob = payload.encode(to_state(reply.content["arrays"]))
         except Exception as err:  # noqa: BLE001 - whatever a node sent, the round goes on
-            reject(self.report, cid, f"arrays do not convert to tensors: {err}", self.on_event)
+            skeleton.reject(
+                self.report, cid, f"arrays do not convert to tensors: {err}", self.on_event
+            )
             return None
-        expected = expected_upload(self.job, self.report.rnd, cid, self.global_state)
-        state, reason = check_upload(blob, expected)
+        expected = skeleton.expected_upload(self.job, self.report.rnd, cid, self.global_state)
+        state, reason = skeleton.check_upload(blob, expected)
         if state is None:
             self.report.bytes_up += len(blob)
-            reject(self.report, cid, reason, self.on_event)
+            skeleton.reject(self.report, cid, reason, self.on_event)
             return None
         result = LocalResult(
             int(metrics["num-samples"]),
@@ -322,7 +316,7 @@ class FedpeftStrategy(Strategy):
         for done, update in enumerate(updates, start=1):
             info = {"round": report.rnd, "done": done, "of": len(report.clients)}
             self.on_event("client", {**info, "loss": update.result.mean_loss})
-        report.train_loss = weighted_train_loss(updates)
+        report.train_loss = skeleton.weighted_train_loss(updates)
         report.sim_time_s = cost.round_time_s(report.client_sim_s)
         if not updates:
             log.warning("round %d: no usable update; the global state is unchanged", report.rnd)
@@ -346,7 +340,7 @@ class FedpeftStrategy(Strategy):
         if server_round == 0:
             return None  # Flower's look at the starting weights; fedpeft rows start at round 1
         load_trainable_state(self.job.model, self.global_state)
-        row = finish_round(
+        row = skeleton.finish_round(
             self.job, self.run_dir, self.state, self.report, self.started, self.on_event
         )
         scores = {k: row[k] for k in ("accuracy", "macro_f1") if row.get(k) is not None}
@@ -363,7 +357,7 @@ def serve(
     """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary."""
     config = job.config
     on_event = on_event or (lambda _kind, _info: None)
-    state = start_run(job, run_dir, on_event)
+    state = skeleton.start_run(job, run_dir, on_event)
     load_trainable_state(job.model, state.global_state)
     strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event)
     if state.done < config.rounds:
@@ -374,7 +368,7 @@ def serve(
             timeout=config.flower.round_timeout_s,
             evaluate_fn=strategy.finish_round,
         )
-    return finish_run(job, run_dir, state)
+    return skeleton.finish_run(job, run_dir, state)
 
 
 # -- simulation -----------------------------------------------------------------------------------
