@@ -17,6 +17,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Metrics = list[dict[str, Any]]
 Unit = tuple[str, float]  # (label, divisor applied to raw values)
@@ -143,6 +144,10 @@ def _save_atomic(fig: Figure, path: Path) -> None:
 
 
 def _draw(lines: list[tuple[str | None, Metrics]], view: _View, title: str, path: Path) -> None:
+    _save_atomic(view_figure(lines, view, title), path)
+
+
+def view_figure(lines: list[tuple[str | None, Metrics]], view: _View, title: str) -> Figure:
     """One figure for one view; x units (and log scale) are chosen over all lines together."""
     series = [(label, _points(metrics, view)) for label, metrics in lines]
     all_x = [x for _, (xs, _) in series for x in xs]
@@ -162,13 +167,15 @@ def _draw(lines: list[tuple[str | None, Metrics]], view: _View, title: str, path
         ax.text(0.5, 0.5, "no values logged yet", transform=ax.transAxes, ha="center")
     if log_x:
         ax.set_xscale("log")
+    if view.x_of is _rounds:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 2.5
     ax.set_xlabel(f"{view.x_label} ({unit_label})" if unit_label else view.x_label)
     ax.set_ylabel(view.y_label)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if any(label for label, _ in lines):
         ax.legend(fontsize="small")
-    _save_atomic(fig, path)
+    return fig
 
 
 def _plot_views(lines: list[tuple[str | None, Metrics]], out_dir: Path, title: str) -> list[Path]:
@@ -185,6 +192,11 @@ def _plot_views(lines: list[tuple[str | None, Metrics]], out_dir: Path, title: s
 
 
 def _draw_depth_width(lines: list[tuple[str | None, Metrics]], path: Path, title: str) -> Path:
+    _save_atomic(depth_width_figure(lines, title), path)
+    return path
+
+
+def depth_width_figure(lines: list[tuple[str | None, Metrics]], title: str) -> Figure:
     """Adapter depth and width against simulated time, for runs that change them (AutoFedNLP)."""
     fig = Figure(figsize=(6.4, 5.0), layout="constrained")
     FigureCanvasAgg(fig)
@@ -210,10 +222,10 @@ def _draw_depth_width(lines: list[tuple[str | None, Metrics]], path: Path, title
     top.set_title(title)
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers and units are counts
     if any(label for label, _ in lines):
         top.legend(fontsize="small")
-    _save_atomic(fig, path)
-    return path
+    return fig
 
 
 def plot_run(metrics: Metrics, out_dir: Path, title: str) -> list[Path]:
@@ -229,3 +241,46 @@ def plot_overlay(
 ) -> list[Path]:
     """The same four views with one labelled line per run, for comparing methods or settings."""
     return _plot_views(list(runs), out_dir, title)
+
+
+PARTITION_MAX_CLIENTS = 100
+PARTITION_MAX_LEGEND = 20  # more labels than this get no legend
+
+
+def partition_figure(summary: dict[str, Any], label_names: list[str] | None = None) -> Figure:
+    """One stacked bar of train label counts per client (the first 100), from
+    ``partition_summary``; the legend sits below the axes, clear of the title."""
+    clients = summary["clients"][:PARTITION_MAX_CLIENTS]
+    num_labels = summary["num_labels"]
+    names = label_names or [str(i) for i in range(num_labels)]
+    fig = Figure(figsize=(max(6.0, 0.12 * len(clients) + 3), 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    positions = list(range(len(clients)))
+    bottom = [0.0] * len(clients)
+    for label in range(num_labels):
+        heights = [float(c["train_label_counts"][label]) for c in clients]
+        ax.bar(positions, heights, bottom=bottom, width=0.9, label=names[label])
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    shown = (
+        f"first {len(clients)} of {summary['num_clients']}"
+        if summary["num_clients"] > len(clients)
+        else f"{len(clients)}"
+    )
+    ax.set_title(f"{summary['scheme']} partition: train labels per client ({shown} clients)")
+    ax.set_xlabel("client")
+    ax.set_ylabel("samples")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if num_labels <= PARTITION_MAX_LEGEND:
+        fig.legend(fontsize="small", ncols=min(num_labels, 5), loc="outside lower center")
+    return fig
+
+
+def plot_partition(
+    summary: dict[str, Any], path: Path, label_names: list[str] | None = None
+) -> Path:
+    """Save ``partition_figure`` as a PNG (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(partition_figure(summary, label_names), path)
+    return path

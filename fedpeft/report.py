@@ -4,6 +4,11 @@ A run folder holds ``config.yaml``, ``metrics.jsonl`` (one object per round) and
 finished, ``summary.json``. Reports must also work on a run that is still going or was killed, so
 every figure in the table falls back from the summary to what metrics and config say so far, and
 such runs are flagged "incomplete". Problems are one line that names the file (``ReportError``).
+
+The accuracy a table shows is ``fedpeft.summary.headline``: test accuracy at the round that is best
+on validation, or the final round's when a run had no validation (said in the cell). The maximum
+over test rounds (``oracle_best_test_accuracy``, ``best_accuracy`` in older run folders) picks a
+round by looking at the test set, so no table shows it.
 """
 
 from __future__ import annotations
@@ -97,9 +102,11 @@ def load_run(path: Path) -> RunRecord:
         raise ReportError(f"{path}: not a fedpeft run folder (no {METRICS_FILE} or {CONFIG_FILE})")
     config = _read_config(path / CONFIG_FILE)
     summary = _read_summary(path / SUMMARY_FILE)
-    metrics = _read_metrics(path / METRICS_FILE, run_finished=summary is not None)
+    # the trainer rewrites summary.json after every round; "complete" says whether it is final
+    complete = summary is not None and summary.get("complete", True) is not False
+    metrics = _read_metrics(path / METRICS_FILE, run_finished=complete)
     name = (summary or {}).get("name") or config.get("name") or path.name
-    return RunRecord(path, str(name), config, metrics, summary, complete=summary is not None)
+    return RunRecord(path, str(name), config, metrics, summary, complete=complete)
 
 
 def _first(*values: Any) -> Any:
@@ -141,7 +148,9 @@ def run_facts(run: RunRecord) -> dict[str, Any]:
     """
     summary, config, metrics = run.summary or {}, run.config, run.metrics
     evaluated = [row for row in metrics if row.get("accuracy") is not None]
-    best = max(evaluated, key=lambda row: row["accuracy"], default=None)
+    with_val = [row for row in evaluated if row.get("val_accuracy") is not None]
+    chosen = max(with_val, key=lambda row: row["val_accuracy"], default=None)  # first of equals
+    clients = [len(row["clients"]) for row in metrics if isinstance(row.get("clients"), list)]
     target = _first(summary.get("target_accuracy"), config.get("target_accuracy"))
     rounds_to_target, time_to_target = _derived_target(metrics, target)
     derived = {
@@ -153,8 +162,9 @@ def run_facts(run: RunRecord) -> dict[str, Any]:
         "alpha": config.get("alpha"),
         "num_clients": config.get("num_clients"),
         "rounds_completed": _first(_last_value(metrics, "round"), 0),
-        "best_accuracy": best["accuracy"] if best else None,
-        "best_round": best.get("round") if best else None,
+        "best_val_accuracy": chosen["val_accuracy"] if chosen else None,
+        "best_val_round": chosen.get("round") if chosen else None,
+        "test_accuracy_at_best_val": chosen["accuracy"] if chosen else None,
         "final_accuracy": _last_value(metrics, "accuracy"),
         "final_macro_f1": _last_value(metrics, "macro_f1"),
         "bytes_up_per_round": _mean(metrics, "bytes_up"),
@@ -172,6 +182,8 @@ def run_facts(run: RunRecord) -> dict[str, Any]:
         "target_accuracy": target,
         "rounds_to_target": rounds_to_target,
         "sim_time_to_target_s": time_to_target,
+        "total_params": None,
+        "uploading_clients_per_round": sum(clients) / len(clients) if clients else None,
     }
     # A finished run's summary is authoritative, nulls included ("target not reached").
     facts = {key: summary[key] if key in summary else value for key, value in derived.items()}
@@ -179,6 +191,9 @@ def run_facts(run: RunRecord) -> dict[str, Any]:
         facts.setdefault(key, value)
     facts["rounds_planned"] = config.get("rounds")
     facts["clients_per_round"] = config.get("clients_per_round")
+    facts["model"] = config.get("model")
+    if facts.get("uploading_clients_per_round") is None:
+        facts["uploading_clients_per_round"] = facts["clients_per_round"]
     return facts
 
 
@@ -248,10 +263,15 @@ def _rounds(facts: dict[str, Any], complete: bool) -> str:
     return str(done)
 
 
-def _best(facts: dict[str, Any]) -> str:
-    best = _percent(facts.get("best_accuracy"))
-    round_ = facts.get("best_round")
-    return f"{best} (r{round_})" if round_ is not None and best != _DASH else best
+def _headline(facts: dict[str, Any]) -> str:
+    """Test accuracy at the best-on-validation round, with that round; else the final one."""
+    from fedpeft.summary import headline
+
+    value = _percent(headline(facts))
+    if value == _DASH:
+        return value
+    round_ = facts.get("best_val_round")
+    return f"{value} (r{round_})" if round_ is not None else f"{value} (no validation)"
 
 
 def _to_target(facts: dict[str, Any]) -> tuple[str, str]:
@@ -266,6 +286,7 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+HEADLINE_COLUMN = "test acc @ best val"
 _HEADER = (
     "run",
     "method",
@@ -273,7 +294,7 @@ _HEADER = (
     "partition",
     "clients (round/total)",
     "rounds",
-    "best acc",
+    HEADLINE_COLUMN,
     "final acc",
     "macro-F1",
     "trainable params",
@@ -293,8 +314,29 @@ def _reference_full(facts_by_run: list[dict[str, Any]]) -> float | None:
     return None
 
 
+FP32_BYTES = 4
+
+
+def estimated_full_upload(facts: dict[str, Any]) -> float | None:
+    """Bytes per round full fine-tuning of the run's model would upload: every parameter of
+    backbone and head (``total_params``) in fp32 from each client that uploaded."""
+    total, clients = facts.get("total_params"), facts.get("uploading_clients_per_round")
+    if not total or not clients:
+        return None
+    return total * FP32_BYTES * clients
+
+
+def _saving(facts: dict[str, Any], full_up: float | None) -> str:
+    """Measured against the set's full run, else estimated from the run's parameter count."""
+    if full_up is not None:
+        return _ratio(full_up, facts.get("bytes_up_per_round"))
+    ratio = _ratio(estimated_full_upload(facts), facts.get("bytes_up_per_round"))
+    return ratio if ratio == _DASH else f"{ratio} (est.)"
+
+
 def comparison_table(runs: list[RunRecord]) -> str:
-    """A markdown table, one row per run, with savings relative to the ``full`` run if present."""
+    """A markdown table, one row per run, with savings relative to the ``full`` run if present
+    (else estimated from each run's parameter count, marked "est.")."""
     all_facts = [run_facts(run) for run in runs]
     full_up = _reference_full(all_facts)
     lines = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
@@ -308,12 +350,12 @@ def comparison_table(runs: list[RunRecord]) -> str:
             _partition(facts),
             _clients(facts),
             _rounds(facts, run.complete),
-            _best(facts),
+            _headline(facts),
             _percent(facts.get("final_accuracy")),
             _percent(facts.get("final_macro_f1")),
             human_count(facts.get("trainable_params")),
             _megabytes(facts.get("bytes_up_per_round")),
-            _ratio(full_up, facts.get("bytes_up_per_round")),
+            _saving(facts, full_up),
             rounds_to,
             time_to,
             human_duration(facts.get("wall_time_total_s")),
@@ -322,15 +364,42 @@ def comparison_table(runs: list[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mismatch_warnings(runs: list[RunRecord]) -> list[str]:
+    """One line for each of dataset and model on which the compared runs differ."""
+    warnings = []
+    all_facts = [run_facts(run) for run in runs]
+    for key, what in (("dataset", "datasets"), ("model", "models")):
+        values = sorted({str(f.get(key)) for f in all_facts if f.get(key) is not None})
+        if len(values) > 1:
+            warnings.append(
+                f"Warning: these runs use different {what} ({', '.join(values)}); "
+                "their figures are not comparable."
+            )
+    return warnings
+
+
 def _notes(runs: list[RunRecord]) -> list[str]:
-    notes = []
-    targets = sorted({f["target_accuracy"] for f in map(run_facts, runs) if f["target_accuracy"]})
+    notes = mismatch_warnings(runs)
+    all_facts = [run_facts(run) for run in runs]
+    notes.append(
+        f"{HEADLINE_COLUMN}: test accuracy at the round with the best validation accuracy "
+        "(round in brackets); runs without validation show their final round's test accuracy."
+    )
+    if _reference_full(all_facts) is None and any(
+        estimated_full_upload(f) and f.get("bytes_up_per_round") for f in all_facts
+    ):
+        notes.append(
+            "comm. saving vs full (est.): no full fine-tuning run is in this report, so its "
+            "upload is estimated as every parameter of backbone and head in fp32 from each "
+            "client, not measured."
+        )
+    targets = sorted({f["target_accuracy"] for f in all_facts if f["target_accuracy"]})
     if targets:
         notes.append("Target accuracy: " + ", ".join(_percent(t) for t in targets) + ".")
     incomplete = [run.name for run in runs if not run.complete]
     if incomplete:
         notes.append(
-            f"Incomplete (no {SUMMARY_FILE} yet; figures so far from {METRICS_FILE}): "
+            "Incomplete (still running or stopped before its last round; figures so far): "
             + ", ".join(incomplete)
             + "."
         )

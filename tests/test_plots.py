@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from matplotlib.ticker import MaxNLocator
 
 from fedpeft import plots
 
@@ -128,3 +129,47 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
         plots.plot_run(fake_metrics(2, 100), tmp_path, "broken")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["accuracy_vs_round.png"]
+
+
+def test_round_axes_have_integer_ticks():
+    lines = [(None, fake_metrics(3, 1_000))]
+    for view in plots.VIEWS:
+        axis = plots.view_figure(lines, view, "ticks").axes[0].xaxis
+        locator = axis.get_major_locator()
+        is_integer = isinstance(locator, MaxNLocator) and locator._integer
+        assert is_integer == (view.x_label == "round"), view.filename
+        if view.x_label == "round":
+            ticks = [t for t in locator() if 1 <= t <= 3]
+            assert ticks and all(float(t).is_integer() for t in ticks)
+    depth = [(None, [{**row, "depth": 2, "width": 8} for row in fake_metrics(3, 1_000)])]
+    for ax in plots.depth_width_figure(depth, "layout").axes:
+        assert isinstance(ax.yaxis.get_major_locator(), MaxNLocator)
+
+
+def partition_summary(num_clients: int, num_labels: int) -> dict:
+    clients = [
+        {"client": k, "train_label_counts": [(k + label) % 7 + 1 for label in range(num_labels)]}
+        for k in range(num_clients)
+    ]
+    return {
+        "scheme": "dirichlet",
+        "num_clients": num_clients,
+        "num_labels": num_labels,
+        "clients": clients,
+    }
+
+
+@pytest.mark.parametrize(("num_clients", "num_labels"), [(4, 4), (20, 4), (100, 20), (8, 12)])
+def test_partition_legend_does_not_cover_the_title(tmp_path, num_clients, num_labels):
+    names = [f"a long label name {i}" for i in range(num_labels)]
+    fig = plots.partition_figure(partition_summary(num_clients, num_labels), names)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    ax = fig.axes[0]
+    title = ax.title.get_window_extent(renderer)
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(title)
+    assert not box.overlaps(ax.get_window_extent(renderer))
+    path = plots.plot_partition(partition_summary(num_clients, num_labels), tmp_path / "p.png")
+    assert_png(path)

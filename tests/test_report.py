@@ -18,9 +18,15 @@ from fedpeft.report import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def metric_rows(rounds: int, bytes_up: int, accuracies: list[float | None]) -> list[dict]:
+def metric_rows(
+    rounds: int,
+    bytes_up: int,
+    accuracies: list[float | None],
+    val_accuracies: list[float | None] | None = None,
+) -> list[dict]:
     rows = []
-    for r, acc in zip(range(1, rounds + 1), accuracies, strict=True):
+    vals = val_accuracies or [None] * rounds
+    for r, acc, val in zip(range(1, rounds + 1), accuracies, vals, strict=True):
         rows.append(
             {
                 "round": r,
@@ -37,6 +43,7 @@ def metric_rows(rounds: int, bytes_up: int, accuracies: list[float | None]) -> l
                 "sim_time_total_s": 30.0 * r,
                 "wall_time_total_s": 2.0 * r,
                 "clients": [0, 3],
+                **({"val_accuracy": val} if val_accuracies is not None else {}),
             }
         )
     return rows
@@ -52,15 +59,22 @@ def make_run(
     finished: bool = True,
     trainable: int = 150_000,
     target: float | None = 0.6,
+    val_accuracies: list[float | None] | None = None,
+    old_format: bool = False,
+    dataset: str = "ag_news",
+    model: str = "tiny",
 ) -> Path:
-    """A run folder as the trainer writes it; ``finished=False`` leaves out summary.json."""
+    """A run folder as the trainer writes it; ``finished=False`` leaves out summary.json.
+
+    ``old_format``: the summary of older fedpeft versions (``best_accuracy``/``best_round``, the
+    maximum over test rounds, and no validation keys)."""
     folder = root / name
     folder.mkdir(parents=True)
     rounds = len(accuracies)
     config = {
         "name": name,
-        "model": "tiny",
-        "dataset": "ag_news",
+        "model": model,
+        "dataset": dataset,
         "method": method,
         "algorithm": "fedavg",
         "partition": "dirichlet",
@@ -72,23 +86,40 @@ def make_run(
         "target_accuracy": target,
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = metric_rows(rounds, bytes_up, accuracies)
+    rows = metric_rows(rounds, bytes_up, accuracies, val_accuracies)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     if finished:
         evaluated = [(acc, r) for r, acc in enumerate(accuracies, start=1) if acc is not None]
         best_acc, best_round = max(evaluated, key=lambda pair: pair[0])
         reached = next((r for r, acc in enumerate(accuracies, 1) if acc and acc >= target), None)
+        vals = val_accuracies or [None] * rounds
+        with_val = [
+            (val, r, acc)
+            for r, (acc, val) in enumerate(zip(accuracies, vals, strict=True), 1)
+            if acc is not None and val is not None
+        ]
+        chosen = max(with_val, key=lambda triple: triple[0]) if with_val else None
+        if old_format:
+            scores = {"best_accuracy": best_acc, "best_round": best_round}
+        else:
+            scores = {
+                "oracle_best_test_accuracy": best_acc,
+                "oracle_best_test_round": best_round,
+                "best_val_accuracy": chosen[0] if chosen else None,
+                "best_val_round": chosen[1] if chosen else None,
+                "test_accuracy_at_best_val": chosen[2] if chosen else None,
+                "complete": True,
+            }
         summary = {
             "name": name,
             "method": method,
-            "dataset": "ag_news",
+            "dataset": dataset,
             "algorithm": "fedavg",
             "partition": "dirichlet",
             "alpha": 0.5,
             "num_clients": 20,
             "rounds_completed": rounds,
-            "best_accuracy": best_acc,
-            "best_round": best_round,
+            **scores,
             "final_accuracy": evaluated[-1][0],
             "final_macro_f1": evaluated[-1][0] - 0.1,
             "trainable_params": trainable,
@@ -119,9 +150,22 @@ def table_rows(table: str) -> list[list[str]]:
 @pytest.fixture
 def two_runs(tmp_path):
     full = make_run(
-        tmp_path, "full-ft", "full", 100_000_000, [0.4, 0.55, 0.7], trainable=110_000_000
+        tmp_path,
+        "full-ft",
+        "full",
+        100_000_000,
+        [0.4, 0.55, 0.7],
+        trainable=110_000_000,
+        val_accuracies=[0.45, 0.6, 0.68],
     )
-    lora = make_run(tmp_path, "lora-r8", "lora", 1_000_000, [None, 0.5, 0.65])
+    lora = make_run(
+        tmp_path,
+        "lora-r8",
+        "lora",
+        1_000_000,
+        [None, 0.5, 0.65],
+        val_accuracies=[None, 0.6, 0.55],
+    )
     return full, lora
 
 
@@ -129,7 +173,7 @@ def test_load_finished_run(two_runs):
     run = load_run(two_runs[1])
     assert run.name == "lora-r8"
     assert run.complete
-    assert run.summary["best_accuracy"] == 0.65
+    assert run.summary["test_accuracy_at_best_val"] == 0.5
     assert run.config["method"] == "lora"
     assert [row["round"] for row in run.metrics] == [1, 2, 3]
 
@@ -143,7 +187,10 @@ def test_table_one_row_per_run_with_right_numbers(two_runs):
     assert lora["partition"] == "dirichlet(0.5)"
     assert lora["clients (round/total)"] == "4/20"
     assert lora["rounds"] == "3"
-    assert lora["best acc"] == "65.0% (r3)"
+    # the round best on validation (2), not the best test round (3: 65%)
+    assert lora["test acc @ best val"] == "50.0% (r2)"
+    assert full["test acc @ best val"] == "70.0% (r3)"
+    assert "65.0% (r3)" not in table
     assert lora["final acc"] == "65.0%"
     assert lora["macro-F1"] == "55.0%"
     assert lora["trainable params"] == "150k"
@@ -159,11 +206,49 @@ def test_table_one_row_per_run_with_right_numbers(two_runs):
     assert lora["wall time"] == "6.0 s"
 
 
-def test_no_full_run_means_no_saving(tmp_path):
-    lora = make_run(tmp_path, "lora", "lora", 1_000, [0.3, 0.4])
+def test_no_full_run_means_an_estimated_saving(tmp_path):
+    lora = make_run(tmp_path, "lora", "lora", 1_000_000, [0.3, 0.4])
     (row,) = table_rows(comparison_table([load_run(lora)]))
-    assert row["comm. saving vs full"] == "—"
+    # full fine-tuning of the 110M-parameter model: 110M x 4 bytes from each of the 2 clients
+    assert row["comm. saving vs full"] == "880x (est.)"
     assert row["rounds to target"] == "not reached"
+    assert row["test acc @ best val"] == "40.0% (no validation)"
+    markdown = report([lora])
+    assert "comm. saving vs full (est.)" in markdown and "not measured" in markdown
+
+
+def test_old_run_folder_never_shows_the_best_test_round(tmp_path):
+    """Older summaries kept the maximum over test rounds as best_accuracy; it is not shown."""
+    old = make_run(tmp_path, "old", "lora", 1_000, [0.3, 0.7, 0.6], old_format=True)
+    table = comparison_table([load_run(old)])
+    (row,) = table_rows(table)
+    assert row["test acc @ best val"] == "60.0% (no validation)"
+    assert "70.0%" not in table
+
+
+def test_old_run_folder_with_validation_in_metrics(tmp_path):
+    old = make_run(
+        tmp_path,
+        "old-val",
+        "lora",
+        1_000,
+        [0.3, 0.7, 0.6],
+        val_accuracies=[0.5, 0.4, 0.45],
+        old_format=True,
+    )
+    (row,) = table_rows(comparison_table([load_run(old)]))
+    assert row["test acc @ best val"] == "30.0% (r1)"
+
+
+def test_report_warns_about_different_datasets_and_models(tmp_path):
+    a = make_run(tmp_path, "a", "lora", 1_000, [0.3])
+    b = make_run(tmp_path, "b", "lora", 1_000, [0.3], dataset="sst2", model="minilm")
+    markdown = report([a, b])
+    warnings = [line for line in markdown.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 2
+    assert "datasets (ag_news, sst2)" in warnings[0]
+    assert "models (minilm, tiny)" in warnings[1]
+    assert not [line for line in report([a]).splitlines() if line.startswith("Warning:")]
 
 
 def test_incomplete_run_is_flagged_and_derived_from_metrics(tmp_path):
@@ -182,7 +267,7 @@ def test_incomplete_run_is_flagged_and_derived_from_metrics(tmp_path):
     (row,) = table_rows(comparison_table([run]))
     assert row["run"] == "killed (incomplete)"
     assert row["rounds"] == "4/10"
-    assert row["best acc"] == "62.0% (r3)"
+    assert row["test acc @ best val"] == "61.0% (no validation)"
     assert row["final acc"] == "61.0%"
     assert row["MB up/round"] == "2.00"
     assert row["trainable params"] == "—"
@@ -200,7 +285,7 @@ def test_run_with_only_config_loads(tmp_path):
     assert not run.complete
     (row,) = table_rows(comparison_table([run]))
     assert row["rounds"] == "0/5"
-    assert row["best acc"] == "—"
+    assert row["test acc @ best val"] == "—"
 
 
 def test_not_a_run_folder(tmp_path):
@@ -292,3 +377,14 @@ def test_human_count(n, text):
 @pytest.mark.parametrize(("s", "text"), [(42, "42.0 s"), (300, "5.0 min"), (10_800, "3.0 h")])
 def test_human_duration(s, text):
     assert human_duration(s) == text
+
+
+def test_summary_written_mid_run_is_incomplete(tmp_path):
+    """The trainer rewrites summary.json after every round; "complete": false is not finished."""
+    folder = make_run(tmp_path, "midway", "lora", 1_000, [0.3, 0.4], planned_rounds=6)
+    summary = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").write_text(json.dumps({**summary, "complete": False}))
+    run = load_run(folder)
+    assert not run.complete
+    (row,) = table_rows(comparison_table([run]))
+    assert row["run"] == "midway (incomplete)" and row["rounds"] == "2/6"
