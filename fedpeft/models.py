@@ -7,6 +7,7 @@ encoder and its pooler weights were never tuned, so the frozen pooler is a poor 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,9 @@ class MaskedMeanPooler(nn.Module):
     """Mean of the last hidden states over real tokens; stands in for BertPooler.
 
     The pooler only receives hidden states, so a forward pre-hook on the encoder model hands it
-    the attention mask of the current call (also the mask peft extends for prompt tokens).
+    the attention mask of the current call (also the mask peft extends for prompt tokens). Under
+    prefix-tuning peft prepends ones for the prefix keys to the mask, while the hidden states
+    cover the text only: the mask's last columns are the text's.
     """
 
     def __init__(self) -> None:
@@ -60,6 +63,8 @@ class MaskedMeanPooler(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.mask
+        if mask is not None and mask.dim() == 2 and mask.shape[1] > hidden_states.shape[1]:
+            mask = mask[:, -hidden_states.shape[1] :]
         if mask is None or mask.shape[:2] != hidden_states.shape[:2]:
             return hidden_states.mean(dim=1)
         weights = mask.to(hidden_states.dtype).unsqueeze(-1)
@@ -77,8 +82,26 @@ def _use_mean_pooling(model: BertForSequenceClassification) -> None:
     model.bert.register_forward_pre_hook(remember_mask, with_kwargs=True)
 
 
+def _looks_like_path(spec: str) -> bool:
+    """A local folder was meant: it does not have the form of a hub id (``name``/``owner/name``)."""
+    if spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1:
+        return True
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) is None
+
+
+def check_model_spec(spec: str) -> None:
+    """A path-like model that is not a folder is a typo, not a hub id: say so in one line."""
+    if spec in ("minilm", "tiny"):
+        return
+    path = Path(spec).expanduser()
+    if _looks_like_path(spec) and not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise ModelError(f"model folder {spec} {what}")
+
+
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    source = str(minilm_path()) if spec in ("minilm", "tiny") else spec
+    check_model_spec(spec)
+    source = str(minilm_path()) if spec in ("minilm", "tiny") else str(Path(spec).expanduser())
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as err:  # hub/network/format errors all become one line
@@ -103,7 +126,7 @@ def load_model(
         )
         model = BertForSequenceClassification(config)
     else:
-        source = str(minilm_path()) if spec == "minilm" else spec
+        source = str(minilm_path()) if spec == "minilm" else str(Path(spec).expanduser())
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
         try:

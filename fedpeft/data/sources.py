@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -120,6 +121,15 @@ def load_source(spec: str) -> DataSplits:
     return _load_hub(spec, local_hint=shared)
 
 
+def label_names(spec: str) -> list[str]:
+    """The label names of a source: its ``labels.json`` when it has one, else from its rows."""
+    path = Path(str(spec)).expanduser()
+    if not path.exists() and not _looks_like_path(str(spec)) and not str(spec).startswith("hub:"):
+        path = shared_data_dir() / str(spec)
+    names = _read_label_names(path / "labels.json") if path.is_dir() else None
+    return names if names is not None else list(load_source(spec).train.label_names)
+
+
 def subsample(ds: TextDataset, n: int | None, seed: int) -> TextDataset:
     """A seeded random subset of `n` rows (kept in original order); None or n >= len: unchanged."""
     if n is None or n >= len(ds):
@@ -174,7 +184,7 @@ def _read_label_names(path: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))
+        names = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
@@ -182,27 +192,52 @@ def _read_label_names(path: Path) -> list[str] | None:
     return names
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a byte that is not UTF-8 is reported with its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - line_start + 1
+        byte = data[err.start]
+        raise DataError(
+            f"{path}:{line}: byte 0x{byte:02x} at column {column} is not UTF-8 "
+            "(save the file as UTF-8)"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> _RawSplit:
     rows: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: malformed JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line")
-            rows.append((number, row))
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line")
+        rows.append((number, row))
     return _collect_rows(path, rows)
 
 
+_REQUIRED_COLUMNS = ("text", "label")
+
+
 def _read_csv(path: Path) -> _RawSplit:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        # Line numbers count the header as line 1; values stay strings until labels are mapped.
-        rows = [(reader.line_num, dict(row)) for row in reader]
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    columns = [name for name in reader.fieldnames or [] if name is not None]
+    if not columns:
+        raise DataError(f"{path}: no rows (a CSV file needs a header line with text,label)")
+    missing = [name for name in _REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise DataError(
+            f"{path}: no '{missing[0]}' column in the header (columns: {', '.join(columns)})"
+        )
+    # Line numbers count the header as line 1; values stay strings until labels are mapped.
+    rows = [(reader.line_num, dict(row)) for row in reader]
     raw = _collect_rows(path, rows)
     if all(_is_int_string(label) for label in raw.raw_labels):
         raw.raw_labels = [int(label) for label in raw.raw_labels]

@@ -183,3 +183,39 @@ def test_shared_datasets_smoke(shared_dataset) -> None:
         assert len(splits.train) > 1000 and len(splits.test) > 100
         assert (splits.train.text_pairs is not None) == pairs
         assert set(np.unique(splits.train.labels)) == set(range(n_labels))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_non_utf8_byte_names_file_and_line(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".jsonl":
+        lines = [b'{"text": "fine", "label": 0}', b'{"text": "caf\xe9", "label": 1}']
+    else:
+        lines = [b"text,label", b"fine,0", b"caf\xe9,1"]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as info:
+        load_source(str(path))
+    message = str(info.value)
+    assert f"{path}:{len(lines)}:" in message and "0xe9" in message and "UTF-8" in message
+    assert "\n" not in message
+
+
+def test_non_utf8_labels_json_is_named(tiny_folder: Path) -> None:
+    (tiny_folder / "labels.json").write_bytes(b'["a",\n "\xff", "c"]')
+    with pytest.raises(DataError, match=r"labels\.json:2: byte 0xff"):
+        load_source(str(tiny_folder))
+
+
+def test_csv_without_label_column_names_it_and_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text("text,category\nhello,a\nworld,b\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_source(str(path))
+    message = str(info.value)
+    assert "no 'label' column" in message and "columns: text, category" in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_label_names_read_labels_json_without_loading_rows(tiny_folder: Path) -> None:
+    (tiny_folder / "train.jsonl").write_text("not json at all\n", encoding="utf-8")
+    assert sources.label_names(str(tiny_folder)) == ["a", "b", "c"]
