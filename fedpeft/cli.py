@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft run | report | demo | bench STUDY | flower ...``.
+"""Command line: ``fedpeft run | report | export | predict | list | demo | bench STUDY | flower``.
 
 User mistakes (config, data, model, run folder, payload) end with one line on stderr and exit
 status 2; Ctrl-C leaves finished rounds intact and says how to resume (exit 130).
@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -19,27 +20,84 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _user_errors() -> tuple[type[Exception], ...]:
     from fedpeft.config import ConfigError
     from fedpeft.data.sources import DataError
+    from fedpeft.export import ExportError
     from fedpeft.models import ModelError
     from fedpeft.payload import PayloadError
     from fedpeft.report import ReportError
     from fedpeft.runs import RunDirError
 
-    return (ConfigError, DataError, ModelError, RunDirError, PayloadError, ReportError)
+    return (ConfigError, DataError, ModelError, RunDirError, PayloadError, ReportError, ExportError)
 
 
 def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _quiet_loading() -> None:
+    """No transformers / hub progress bars (weight loading, shard writing)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dumps."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [key for key in new if key not in old]
+        changed = []
+        for key in keys:
+            changed += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return changed
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _resume_config(run_dir, overrides: list[str] | None):
+    """The run's config; ``--set rounds=N`` may extend it (nothing else may change on resume).
+
+    Returns (config, new config.yaml text or None when unchanged)."""
+    import yaml
+
+    from fedpeft.config import ConfigError, load_config, read_yaml
+
+    config = load_config(run_dir.config_path)
+    if not overrides:
+        return config, None
+    wanted = load_config(run_dir.config_path, overrides)
+    changed = _changed_keys(config.model_dump(mode="json"), wanted.model_dump(mode="json"))
+    refused = [key for key in changed if key != "rounds"]
+    if refused:
+        raise ConfigError(
+            f"--resume cannot change '{refused[0]}' (only rounds can be raised); "
+            "start a new run for other settings"
+        )
+    if not changed:
+        return config, None
+    done = 0
+    if run_dir.pointer_path.is_file():
+        done = int(json.loads(run_dir.pointer_path.read_text()).get("round", 0))
+    if wanted.rounds < done:
+        raise ConfigError(
+            f"rounds: the run has completed {done} rounds; --resume cannot set {wanted.rounds}"
+        )
+    data = read_yaml(run_dir.config_path)
+    data["rounds"] = wanted.rounds
+    return wanted, yaml.safe_dump(data, sort_keys=False)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpeft.config import ConfigError, dump_config, load_config
-    from fedpeft.runs import RunDir
+    from fedpeft.runs import RunDir, write_text
 
+    if args.quiet:
+        _quiet_loading()
+    new_yaml = None
     if args.resume:
         run_dir = RunDir.open(Path(args.resume))
-        if args.config or args.set:
-            raise ConfigError("--resume continues a run as configured; drop CONFIG and --set")
-        config = load_config(run_dir.config_path)
+        if args.config:
+            raise ConfigError("--resume continues a run as configured; drop CONFIG")
+        if args.out:
+            raise ConfigError("--resume continues the run in its own folder; drop --out")
+        config, new_yaml = _resume_config(run_dir, args.set)
     else:
         if not args.config:
             raise ConfigError("fedpeft run needs a CONFIG file (or --resume DIR)")
@@ -51,6 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if run_dir is None:
         out = Path(args.out) if args.out else _default_out(config.run_name())
         run_dir = RunDir.create(out, dump_config(config))
+    elif new_yaml is not None:
+        write_text(run_dir.config_path, new_yaml)  # atomic: the old or the new file, never half
+        print(f"rounds raised to {config.rounds} in {run_dir.config_path}", file=sys.stderr)
     return _execute(job, run_dir, quiet=args.quiet)
 
 
@@ -80,13 +141,30 @@ def _execute(job, run_dir, quiet: bool) -> int:
     return 0
 
 
+def headline_line(summary: dict) -> str:
+    """The run's published accuracy in words: which number it is and where it comes from."""
+    from fedpeft.summary import headline
+
+    value = headline(summary)
+    if value is None:
+        return "result: no evaluated round"
+    if summary.get("best_val_round") is not None:
+        return (
+            f"result: test accuracy {100 * value:.1f}% at round {summary['best_val_round']}, the "
+            f"round best on validation ({100 * summary['best_val_accuracy']:.1f}%)"
+        )
+    return f"result: final test accuracy {100 * value:.1f}% (no validation)"
+
+
 def _print_results(run_dir, name: str) -> None:
     from fedpeft.plots import plot_run
     from fedpeft.report import comparison_table, load_run
 
-    metrics = load_run(run_dir.path).metrics
-    plots = plot_run(metrics, run_dir.path, title=name)
-    print(comparison_table([load_run(run_dir.path)]))
+    run = load_run(run_dir.path)
+    plots = plot_run(run.metrics, run_dir.path, title=name)
+    print(comparison_table([run]))
+    if run.summary is not None:
+        print(headline_line(run.summary))
     print(f"run folder: {run_dir.path}")
     print("plots: " + ", ".join(str(p) for p in plots))
 
@@ -101,7 +179,7 @@ def _partition_summary(job) -> dict:
 
 
 def _write_partition(job, run_dir) -> None:
-    from fedpeft.data.partition import plot_partition
+    from fedpeft.plots import plot_partition
     from fedpeft.runs import write_json
 
     summary = _partition_summary(job)
@@ -116,6 +194,135 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(report([Path(p) for p in args.runs], out))
     if out is not None:
         print(f"report and overlay plots written to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedpeft.export import BASE_FOLDER, export_run
+
+    _quiet_loading()
+    out = Path(args.out) if args.out else Path(args.run) / "export"
+    result = export_run(Path(args.run), out, args.weights)
+    print(f"exported the {result.kind} of {args.run} ({result.weights.name}) to {result.out}")
+    if result.kind == "peft adapter":
+        print(
+            "load it with:\n"
+            f'  base = AutoModelForSequenceClassification.from_pretrained("{out / BASE_FOLDER}", '
+            "trust_remote_code=True)\n"
+            f'  model = PeftModel.from_pretrained(base, "{out}")'
+        )
+    else:
+        print(
+            "load it with:\n"
+            f'  model = AutoModelForSequenceClassification.from_pretrained("{out}", '
+            "trust_remote_code=True)"
+        )
+    print(f"(see {out / 'README.md'} and docs/export.md)")
+    return 0
+
+
+def _shorten(text: str, width: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedpeft.config import ConfigError
+    from fedpeft.export import load_run_model, predict, read_rows
+
+    if bool(args.text) == bool(args.file):
+        raise ConfigError("fedpeft predict needs --text TEXT (repeatable) or --file ROWS.jsonl")
+    texts, pairs = (list(args.text), None) if args.text else read_rows(Path(args.file))
+    _quiet_loading()
+    run = load_run_model(Path(args.run), args.weights)
+    print(f"# {run.weights}: label, probability, text", file=sys.stderr)
+    for text, (label, prob) in zip(texts, predict(run, texts, pairs), strict=True):
+        print(f"{label}\t{prob:.3f}\t{_shorten(text)}")
+    return 0
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
+def _field_lines(settings_class, indent: str = "    ") -> list[str]:
+    """``name = default  description`` for each field of a pydantic settings class."""
+    from pydantic_core import PydanticUndefined
+
+    lines = []
+    for name, field in settings_class.model_fields.items():
+        if field.default is not PydanticUndefined:
+            default = field.default
+        elif field.default_factory is not None:
+            default = field.default_factory()
+        else:
+            default = "(required)"
+        text = f"{indent}{name} = {_shown(default)}"
+        if field.description:
+            text += f"  — {field.description}"
+        lines.append(text)
+    return lines
+
+
+_ALGORITHM_SECTIONS = {
+    "fedavg": ("", "weighted average of the clients' states"),
+    "fedprox": ("fedprox", "FedAvg plus a proximal term on the clients"),
+    "fedadam": ("fedopt", "FedAvg then a server Adam step"),
+    "fedyogi": ("fedopt", "FedAvg then a server Yogi step"),
+    "fedadagrad": ("fedopt", "FedAvg then a server Adagrad step"),
+    "median": ("robust", "coordinate-wise median"),
+    "trimmed_mean": ("robust", "coordinate-wise trimmed mean"),
+}
+
+
+def list_text() -> str:
+    """Methods and their settings, algorithms, bundled datasets, device and network profiles."""
+    from fedpeft import config as config_module
+    from fedpeft import cost, registry
+    from fedpeft.algorithms import ALGORITHMS
+    from fedpeft.paths import shared_data_dir
+
+    lines = ["methods (method: NAME; settings under NAME:, e.g. lora: {r: 16}):"]
+    for name, spec in registry.METHODS.items():
+        lines.append(f"  {name}: {spec.summary} (default lr {spec.default_lr:g})")
+        lines += _field_lines(spec.settings)
+    lines += ["", "algorithms (algorithm: NAME):"]
+    sections = {
+        "fedprox": getattr(config_module, "FedProxSettings", None),
+        "fedopt": getattr(config_module, "FedOptSettings", None),
+        "robust": getattr(config_module, "RobustSettings", None),
+    }
+    for name in ALGORITHMS:
+        section, what = _ALGORITHM_SECTIONS.get(name, ("", ""))
+        lines.append(f"  {name}: {what}" + (f" (settings under {section}:)" if section else ""))
+    for section, settings in sections.items():
+        if settings is not None:
+            lines.append(f"  {section}:")
+            lines += _field_lines(settings)
+    folder = shared_data_dir()
+    found = sorted(p.name for p in folder.glob("*") if (p / "train.jsonl").is_file())
+    lines += ["", f"datasets in {folder} (dataset: NAME; or a folder, a .jsonl/.csv file):"]
+    none = "  (none: set FEDPEFT_DATA to a folder of datasets)"
+    lines += [f"  {name}" for name in found] or [none]
+    lines += ["", "device profiles (cost: {devices: [...]}):"]
+    for device in cost.DEVICES.values():
+        lines.append(f"  {device.name}: {device.flops_per_s / 1e9:g} GFLOP/s — {device.note}")
+    lines += ["", "network profiles (cost: {networks: [...]}):"]
+    for net in cost.NETWORKS.values():
+        lines.append(
+            f"  {net.name}: up {net.up_bytes_per_s * 8 / 1e6:g} Mbit/s, down "
+            f"{net.down_bytes_per_s * 8 / 1e6:g} Mbit/s — {net.note}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print(list_text(), end="")
     return 0
 
 
@@ -251,7 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run one federated fine-tuning job")
+    run = sub.add_parser(
+        "run",
+        help="run one federated fine-tuning job",
+        epilog="Methods, their settings and defaults, algorithms, datasets and cost profiles: "
+        "fedpeft list",
+    )
     run.add_argument("config", nargs="?", help="YAML config file")
     run.add_argument(
         "--set",
@@ -260,14 +472,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key (repeatable; dotted for nested keys)",
     )
     run.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
-    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run folder")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue an interrupted run folder; with --set rounds=N, extend a finished one",
+    )
+    run.add_argument(
+        "--quiet", action="store_true", help="no progress display (nor model-loading bars)"
+    )
     run.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="compare run folders: markdown table and overlay plots")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", help="folder for report.md and overlay plots")
     rep.set_defaults(func=cmd_report)
+
+    weights_help = "which weights: best (on validation; the default when kept) or final"
+    exp = sub.add_parser(
+        "export",
+        help="write a run's model as a peft adapter or transformers model folder",
+        description="lora/prefix/prompt: a peft adapter folder (backbone in OUT/base); "
+        "adapter/bitfit/full: a transformers model folder. Both load without fedpeft, with "
+        "trust_remote_code=True (docs/export.md).",
+    )
+    exp.add_argument("run", help="run folder")
+    exp.add_argument("--out", help="new folder to write (default: RUN/export)")
+    exp.add_argument("--weights", choices=("best", "final"), help=weights_help)
+    exp.set_defaults(func=cmd_export)
+
+    pred = sub.add_parser("predict", help="label texts with a run's model")
+    pred.add_argument("run", help="run folder")
+    pred.add_argument("--text", action="append", help="a text to label (repeatable)")
+    pred.add_argument("--file", help='JSONL file, one {"text": ...} (+ "text_pair") per line')
+    pred.add_argument("--weights", choices=("best", "final"), help=weights_help)
+    pred.set_defaults(func=cmd_predict)
+
+    lst = sub.add_parser(
+        "list", help="methods and their settings, algorithms, datasets, device/network profiles"
+    )
+    lst.set_defaults(func=cmd_list)
 
     demo = sub.add_parser("demo", help="the demo job: MiniLM + LoRA on ag_news, a few rounds")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -278,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark study (benchmarks/<study>.py)")
     bench.add_argument("study", choices=BENCH_STUDIES, help="which study")
     bench.add_argument("--quick", action="store_true", help="tiny model, seconds: a plumbing check")
-    bench.add_argument("--out", help="results folder (default: benchmarks/results)")
+    bench.add_argument(
+        "--out",
+        help="results folder (default: under benchmarks/results; with --quick, under runs/)",
+    )
     bench.add_argument(
         "--only",
         action="append",
