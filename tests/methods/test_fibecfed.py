@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,11 @@ from fedpeft.job import build_job
 from fedpeft.methods.base import ClientUpdate
 from fedpeft.methods.fibecfed import FibecFed, FibecFedSettings, curriculum_fraction, easiest_rows
 from fedpeft.models import load_model
+from fedpeft.paths import REPO_ROOT
 from fedpeft.peft import lora
 from fedpeft.peft.base import load_trainable_state
 from fedpeft.runs import RunDir
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_dataset
 
 TEXTS = [
     "the market rises today",
@@ -514,3 +516,40 @@ def test_flower_is_refused_in_one_line(toy_data):
     with pytest.raises(ValueError) as err:
         build_config(_config(toy_data, engine="flower"))
     assert "fibecfed" in str(err.value) and "\n" not in str(err.value).strip()
+
+
+# -- the study's quick mode ----------------------------------------------------------------------
+
+
+def test_study_quick_mode_runs_every_cell_and_writes_the_page(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import fibecfed as study
+
+    write_dataset(tmp_path / "shared" / "sst2")
+    monkeypatch.setenv("FEDPEFT_DATA", str(tmp_path / "shared"))
+    out = tmp_path / "results" / "fibecfed"
+    page = study.main(quick=True, out=out)
+    cells = study.grid(quick=True)
+    assert {c.run for c in cells} == {
+        "fibecfed",
+        "lora",
+        "curriculum",
+        "sparse",
+        "random",
+        "bitfit",
+    }
+    for cell in cells:
+        summary = json.loads((out / cell.folder / "summary.json").read_text())
+        assert summary["complete"]
+        config = build_config(cell.config(None))
+        if cell.run == "curriculum":
+            assert not config.fibecfed.layer_selection and config.fibecfed.curriculum
+    text = page.read_text()
+    assert "### Against the paper's claims" in text and "| fibecfed |" in text
+    figures = json.loads((out.parent / "fibecfed.json").read_text())
+    cell = figures["cells"]["sst2"]
+    assert (
+        cell["fibecfed"]["a1"]["bytes_up_per_client_round"]["mean"]
+        < (cell["lora"]["a1"]["bytes_up_per_client_round"]["mean"])
+    )
+    assert set(figures["checks"]) >= {"accuracy_vs_lora", "fewer_bytes_than_lora"}
