@@ -1,6 +1,6 @@
 """Datasets for federated fine-tuning: load a source, split it across clients, tokenise it once."""
 
-from fedpeft.data.partition import Partition, make_partition, partition_summary, plot_partition
+from fedpeft.data.partition import Partition, make_partition, partition_summary
 from fedpeft.data.sources import DataError, DataSplits, TextDataset, load_source, subsample
 from fedpeft.data.tokenize import TokenizedData, iter_batches, tokenize
 
@@ -14,7 +14,6 @@ __all__ = [
     "load_source",
     "make_partition",
     "partition_summary",
-    "plot_partition",
     "subsample",
     "tokenize",
 ]

@@ -23,15 +23,12 @@ so under strong skew the local test mix can only approximate p_k.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 SCHEMES = ("iid", "dirichlet", "quantity", "natural")
-PLOT_MAX_CLIENTS = 100
 
 
 @dataclass
@@ -346,37 +343,3 @@ def _mean_kl(client_counts: list[list[int]], global_counts: list[int]) -> float:
         nonzero = mix > 0
         divergences.append(float(np.sum(mix[nonzero] * np.log(mix[nonzero] / reference[nonzero]))))
     return float(np.mean(divergences)) if divergences else 0.0
-
-
-def plot_partition(summary: dict, path: Path, label_names: list[str] | None = None) -> None:
-    """Save a PNG: one stacked bar of train label counts per client (first 100 clients)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
-
-    clients = summary["clients"][:PLOT_MAX_CLIENTS]
-    counts = np.array([c["train_label_counts"] for c in clients], dtype=float).reshape(
-        len(clients), summary["num_labels"]
-    )
-    names = label_names or [str(i) for i in range(summary["num_labels"])]
-    fig = Figure(figsize=(max(6.0, 0.12 * len(clients) + 3), 4), layout="constrained")
-    ax = fig.add_subplot()
-    bottom = np.zeros(len(clients))
-    for label in range(counts.shape[1]):
-        ax.bar(
-            np.arange(len(clients)), counts[:, label], bottom=bottom, width=0.9, label=names[label]
-        )
-        bottom += counts[:, label]
-    shown = (
-        f"first {len(clients)} of {summary['num_clients']}"
-        if summary["num_clients"] > len(clients)
-        else f"{len(clients)}"
-    )
-    ax.set_title(f"{summary['scheme']} partition: train labels per client ({shown} clients)")
-    ax.set_xlabel("client")
-    ax.set_ylabel("samples")
-    if counts.shape[1] <= 20:
-        fig.legend(
-            fontsize="small", ncols=math.ceil(counts.shape[1] / 10), loc="outside right upper"
-        )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)

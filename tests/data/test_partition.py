@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpeft.data import load_source, make_partition, partition_summary, plot_partition
+from fedpeft.data import load_source, make_partition, partition_summary
+from fedpeft.plots import plot_partition
 
 RNG = np.random.default_rng(123)
 TRAIN = RNG.choice(4, size=2000, p=[0.4, 0.3, 0.2, 0.1]).astype(np.int64)
