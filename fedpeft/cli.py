@@ -326,7 +326,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_STUDIES = ("autofednlp", "fedpetuning")
+BENCH_STUDIES = ("autofednlp", "c2a", "fedpetuning", "fibecfed")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -529,10 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         metavar="KEY=V1[,V2]",
-        help="run only matching cells, e.g. dataset=rte or method=lora,full (repeatable; fedpetuning)",
+        help="run only matching cells, e.g. dataset=rte or method=lora,full (repeatable)",
     )
     bench.add_argument(
-        "--part", metavar="I/N", help="run the I-th of N slices of the cells (fedpetuning)"
+        "--part", metavar="I/N", help="run the I-th of N slices of the cells"
     )
     bench.add_argument(
         "--report-only", action="store_true", help="rewrite the report from finished cells only"

@@ -116,6 +116,11 @@ class RunProgress:
         elif kind == "note":
             if self.enabled:
                 self.console.log(info["text"])
+        elif kind == "rejected":
+            if self.enabled:
+                self.console.log(
+                    f"round {info['round']}: client {info['cid']}'s update rejected: {info['reason']}"
+                )
         elif kind == "round_end":
             self.clock.round_end()
             acc = info.get("accuracy")

@@ -368,6 +368,7 @@ def finish_round(
     """After aggregation (the job's model holds the new global state): evaluate, record the
     round, keep the best-on-validation weights, checkpoint, rewrite metrics and summary."""
     history = state.history
+    report.extra.update(job.method.round_metrics(report.rnd))
     row = metrics_row(report, history)
     evaluate_global(job, report.rnd, row)
     wall = time.perf_counter() - started

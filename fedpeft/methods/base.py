@@ -147,6 +147,11 @@ class FederatedMethod:
         """The next global trainable state (keys not uploaded keep their global value)."""
         raise NotImplementedError
 
+    def round_metrics(self, rnd: int) -> dict[str, Any]:
+        """Extra fields for round ``rnd``'s metrics row, asked after ``aggregate`` (e.g. which
+        layers were aggregated, the curriculum's share of rows)."""
+        return {}
+
     def prepare_eval(self, model: nn.Module, cid: int | None, store: State | None) -> None:
         """Before scoring: ``cid`` None is the global model; otherwise client ``cid``'s
         personalised score, with its persistent tensors ``store``."""
