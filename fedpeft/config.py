@@ -156,6 +156,12 @@ class _RunConfigBase(_Strict):
     personalized_eval: bool = Field(
         False, description="also score each client's local test split at the end"
     )
+    personalized_finetune_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="before its personalised score, each client fine-tunes the final global "
+        "model on its own training rows for this many local epochs (0: none)",
+    )
     target_accuracy: float | None = Field(None, gt=0, le=1)
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads (default: torch's choice)"

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -252,6 +252,26 @@ def evaluate_global(job: Job, rnd: int, row: dict[str, Any]) -> None:
         row.update(cache_mb=sum(c.nbytes for c in job.caches.values()) / 1e6)
 
 
+def finetune(job: Job, cid: int) -> None:
+    """Client ``cid`` fine-tunes the model as it is now on its own training rows (the
+    "federated, then local fine-tuning" personalisation baseline); seeded like a round after the
+    last one, so it is reproducible."""
+    rows = job.partition.train[cid]
+    if len(rows) == 0:
+        return
+    training = replace(job.training, epochs=job.config.personalized_finetune_epochs, steps=None)
+    train_local(
+        job.model,
+        job.train,
+        rows,
+        training,
+        seed=client_seed(job.config.seed, job.config.rounds + 1, cid, 1),
+        condition=lambda batch, batch_rows: job.method.condition(
+            job.model, batch, batch_rows, training=True, cid=cid
+        ),
+    )
+
+
 def personalized_scores(job: Job, global_state: State, store: ClientStore) -> dict[str, Any]:
     """Each client's own test rows, scored with the model as the method personalises it for that
     client (its persistent tensors, its conditioning): mean, weighted and worst accuracy, and per
@@ -262,6 +282,8 @@ def personalized_scores(job: Job, global_state: State, store: ClientStore) -> di
             continue
         load_trainable_state(job.model, global_state)
         job.method.prepare_eval(job.model, cid, store.get(cid))
+        if job.config.personalized_finetune_epochs:
+            finetune(job, cid)
         result = evaluate(
             job.model, job.test, rows, job.config.eval_batch_size, condition=_condition(job, cid)
         )

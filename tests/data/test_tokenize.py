@@ -76,7 +76,7 @@ def test_cache_round_trip_gives_identical_tensors(
     minilm_tokenizer, tmp_path: Path, monkeypatch
 ) -> None:
     first = tokenize(SHORT_AND_LONG, minilm_tokenizer, max_len=16, cache_key="tiny:train")
-    files = list((tmp_path / "cache" / "tokens").glob("*.pt"))
+    files = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
     assert len(files) == 1
 
     def refuse(*args, **kwargs):
@@ -89,12 +89,12 @@ def test_cache_round_trip_gives_identical_tensors(
     monkeypatch.undo()
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
     tokenize(SHORT_AND_LONG, minilm_tokenizer, max_len=8, cache_key="tiny:train")
-    assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2  # max_len is in the key
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.safetensors"))) == 2  # max_len is in the key
 
 
 def test_broken_cache_file_is_rebuilt(minilm_tokenizer, tmp_path: Path) -> None:
     tokenize(SHORT_AND_LONG, minilm_tokenizer, max_len=16, cache_key="k")
-    (cached,) = (tmp_path / "cache" / "tokens").glob("*.pt")
+    (cached,) = (tmp_path / "cache" / "tokens").glob("*.safetensors")
     cached.write_bytes(b"not a torch file")
     with pytest.warns(UserWarning, match="unreadable token cache"):
         data = tokenize(SHORT_AND_LONG, minilm_tokenizer, max_len=16, cache_key="k")
