@@ -28,11 +28,13 @@ def test_each_method_is_documented_and_configurable(name):
     assert f"`{name}`" in README.read_text(), f"README does not mention method {name}"
     for field_name, field in spec.settings.model_fields.items():
         assert field.description, f"{name}.{field_name} has no description (fedpeft list shows it)"
-    config = build_config({"method": name, "num_clients": 30, "clients_per_round": 5})
+    config = build_config(
+        {"method": name, "num_clients": 30, "clients_per_round": 5, "personalized_eval": True}
+    )
     assert isinstance(getattr(config, name), spec.settings)
     assert config.lr == spec.default_lr
     with pytest.raises(ConfigError, match=f"unknown config key '{name}.no_such_setting'"):
-        build_config({"method": name, name: {"no_such_setting": 1}})
+        build_config({"method": name, "personalized_eval": True, name: {"no_such_setting": 1}})
 
 
 def test_unknown_names_list_the_choices():
