@@ -288,9 +288,16 @@ class FibecFed(FederatedMethod):
         new_global = self.algorithm.aggregate(
             global_state, [u.state for u in updates], [u.num_samples for u in updates]
         )
+        layers = sorted({layer_of(n) for n in global_state if _is_lora(n)})
+        fractions = [
+            u.metrics["curriculum_fraction"] for u in updates if "curriculum_fraction" in u.metrics
+        ]
+        self._round_row = {
+            "aggregated_layers": layers if self.global_layers is None else list(self.global_layers),
+            "curriculum_fraction": float(np.mean(fractions)) if fractions else 1.0,
+        }
         reports = [u.metrics["sensitivity"] for u in updates if "sensitivity" in u.metrics]
         if self._reporting(rnd) and reports:
-            layers = sorted({layer_of(n) for n in global_state if _is_lora(n)})
             mean = np.mean(np.asarray(reports, dtype=np.float64), axis=0)
             count = self.settings.global_layers or math.ceil(len(layers) / 2)
             chosen = top_layers(dict(zip(layers, mean.tolist(), strict=True)), count)
@@ -302,6 +309,10 @@ class FibecFed(FederatedMethod):
                     self.local_since[layer] = rnd + 1
             self.global_layers = chosen
         return new_global
+
+    def round_metrics(self, rnd: int) -> dict[str, Any]:
+        """The layers whose LoRA tensors were averaged this round, and the curriculum's share."""
+        return dict(getattr(self, "_round_row", {}))
 
     def prepare_eval(self, model: nn.Module, cid: int | None, store: State | None) -> None:
         """Personalised scores use the client's own local tensors; the global score the shared."""

@@ -425,6 +425,8 @@ def test_only_the_aggregation_layers_and_the_head_travel(spied):
     for rnd, _cid, keys in spy.uploads:
         if rnd > 1:
             assert keys == set(shared)
+    assert rows[0]["aggregated_layers"] == [0, 1]  # round 1 aggregates every layer
+    assert all(row["aggregated_layers"] == sorted(method.global_layers) for row in rows[1:])
 
 
 def test_local_entries_come_back_and_never_reach_another_client(spied):
@@ -509,7 +511,11 @@ def test_every_part_off_is_lora_fedavg(tmp_path, toy_data):
     fib_w, lora_w = load_file(str(fib_run.weights_path)), load_file(str(lora_run.weights_path))
     assert fib_w.keys() == lora_w.keys()
     assert all(torch.equal(fib_w[k], lora_w[k]) for k in fib_w)
-    assert _rows(fib_run) == _rows(lora_run)
+    fib_rows = _rows(fib_run)
+    for row in fib_rows:  # FibecFed's own fields: every layer aggregated, all rows used
+        assert row.pop("curriculum_fraction") == 1.0
+        assert row.pop("aggregated_layers") == [0, 1]
+    assert fib_rows == _rows(lora_run)
 
 
 def test_flower_is_refused_in_one_line(toy_data):
