@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedpeft.config import ConfigError, build_config, dump_config, load_config, parse_overrides
@@ -86,3 +88,11 @@ def test_override_values_are_typed():
         "d": None,
         "e": "x y",
     }
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=str
+)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.method and config.lr > 0
