@@ -24,13 +24,30 @@ Memory bound: ``max_bytes`` caps the stored tensors. When a new row does not fit
 start layers are evicted first (least recently used); if it still does not fit, the row is not
 stored and is recomputed through the frozen bottom whenever it is needed (a *miss*, counted), so
 the bound costs speed, never correctness.
+
+Resume (``state_dict`` / ``load_state_dict``): a checkpoint keeps, per store and in LRU order, its
+start layer, which rows it holds, the bottom forwards that computed them (the rows of each batch,
+so a refill pads and batches exactly as the first computation did and gives the same bits), its
+byte count, and a content hash of the frozen bottom the rows were computed with; plus the
+counters. The hidden states themselves are not saved: they are recomputed. Object identities do
+not survive a restart, so a restored store is checked by content instead, once, at its first use:
+if the bottom then hashes as when the store was made, the store is refilled (not counted as
+misses) and adopts the current model's identity fingerprint; otherwise it is rebuilt and counted
+as such, as an uninterrupted run would have done (its bottom changed). Until that first use a
+restored store occupies its bytes and its place in the LRU order, so evictions and misses happen
+as in the uninterrupted run. (Identity and content checks differ only when a bottom module is
+replaced by a new object with the very same weights, which no method here does.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +59,7 @@ from fedpeft.models import MaskedMeanPooler
 from fedpeft.peft.base import encoder_layers, lowest_trainable_layer
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+log = logging.getLogger("fedpeft.cache")
 
 
 def _bert(model: nn.Module) -> nn.Module:
@@ -74,12 +92,33 @@ def _mask4d(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor
     )
 
 
+def _bottom_modules(model: nn.Module, start: int) -> list[nn.Module]:
+    """The frozen bottom below ``start``: the embeddings and layers ``0..start-1``."""
+    return [_bert(model).embeddings, *encoder_layers(model)[:start]]
+
+
+@torch.no_grad()
+def bottom_digest(model: nn.Module, start: int) -> str:
+    """A content hash of the bottom below ``start``: module tree, and every parameter's and
+    buffer's name, dtype, shape and bytes. Equal digests mean ``bottom_hidden`` computes the same."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"start {start}\n".encode())
+    for index, top in enumerate(_bottom_modules(model, start)):
+        for name, module in top.named_modules():
+            digest.update(f"{index}.{name}: {type(module).__qualname__}\n".encode())
+        for name, tensor in itertools.chain(top.named_parameters(), top.named_buffers()):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{index}.{name}: {flat.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def bottom_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor], start: int) -> torch.Tensor:
     """Hidden states entering layer ``start``: embeddings and layers ``0..start-1`` in eval mode."""
     bert = _bert(model)
     layers = encoder_layers(model)
-    modules = [bert.embeddings, *layers[:start]]
+    modules = _bottom_modules(model, start)
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -117,9 +156,17 @@ def top_logits(
 
 @dataclass
 class _Store:
-    fingerprint: tuple
-    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    # identity fingerprint of the bottom; None for a store restored from a checkpoint and not yet
+    # checked against the model (its rows are then None until refilled)
+    fingerprint: tuple | None
+    digest: str  # content hash of the bottom its rows were computed with
+    rows: dict[int, torch.Tensor | None] = field(default_factory=dict)
     nbytes: int = 0
+    # the fingerprinted modules and parameters, kept alive so that no new object can take their id
+    keep: tuple = ()
+    # the rows of each bottom forward that stored rows here, and each stored row's forward
+    groups: list[np.ndarray] = field(default_factory=list)
+    group_of: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +185,7 @@ class ActivationCache:
         if dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.data = data
+        self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         self.max_bytes = max_bytes
         self.stats = CacheStats()
@@ -152,25 +200,48 @@ class ActivationCache:
 
     @staticmethod
     def fingerprint(model: nn.Module, start: int) -> tuple:
-        bert = _bert(model)
-        modules = [bert.embeddings, *encoder_layers(model)[:start]]
+        modules = _bottom_modules(model, start)
         return (
             start,
             tuple(id(m) for top in modules for m in top.modules()),
             tuple((id(p), p._version) for top in modules for p in top.parameters()),
         )
 
+    @staticmethod
+    def _keep(model: nn.Module, start: int) -> tuple:
+        modules = _bottom_modules(model, start)
+        return tuple(m for top in modules for m in top.modules()) + tuple(
+            p for top in modules for p in top.parameters()
+        )
+
     def _store(self, model: nn.Module, start: int) -> _Store:
         fingerprint = self.fingerprint(model, start)
         store = self._stores.get(start)
+        if store is not None and store.fingerprint is None:  # restored: check it by content, once
+            if store.digest == bottom_digest(model, start):
+                self._refill(model, start, store)
+                store.fingerprint, store.keep = fingerprint, self._keep(model, start)
         if store is not None and store.fingerprint != fingerprint:
             del self._stores[start]
             self.stats.rebuilds += 1
             store = None
         if store is None:
-            store = self._stores[start] = _Store(fingerprint)
+            store = self._stores[start] = _Store(
+                fingerprint, bottom_digest(model, start), keep=self._keep(model, start)
+            )
         self._stores.move_to_end(start)
         return store
+
+    def _refill(self, model: nn.Module, start: int, store: _Store) -> None:
+        """Recompute a restored store's rows, each in the batch that first computed it."""
+        for index, group in enumerate(store.groups):
+            computed = bottom_hidden(model, self.data.batch(group), start)
+            for i, row in enumerate(group.tolist()):
+                if store.group_of.get(row) == index:
+                    length = int(self.data.lengths[row])
+                    store.rows[row] = computed[i, :length].to(self.dtype).clone()
+        if any(tensor is None for tensor in store.rows.values()):
+            raise ValueError("activation cache checkpoint: a stored row has no batch to recompute")
 
     def _room_for(self, nbytes: int, keep: int) -> bool:
         if self.max_bytes is None:
@@ -192,15 +263,20 @@ class ActivationCache:
         if missing:
             computed = bottom_hidden(model, self.data.batch(missing), start)
             lengths = self.data.lengths[missing]
+            group, stored = len(store.groups), False
             for i, row in enumerate(missing):
                 tensor = computed[i, : int(lengths[i])].to(self.dtype).clone()
                 fresh[row] = tensor
                 size = tensor.numel() * tensor.element_size()
                 if self._room_for(size, keep=start):
                     store.rows[row] = tensor
+                    store.group_of[row] = group
                     store.nbytes += size
+                    stored = True
                 else:
                     self.stats.not_stored += 1
+            if stored:
+                store.groups.append(np.asarray(missing, dtype=np.int64))
         self.stats.misses += len(missing)
         self.stats.hits += len(rows) - len(missing)
         seqs = [fresh.get(int(r), store.rows.get(int(r))) for r in rows]
@@ -209,6 +285,62 @@ class ActivationCache:
         for i, seq in enumerate(seqs):
             out[i, : seq.shape[0]] = seq
         return out
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and, per store in LRU order, which rows it holds and how they were
+        computed (JSON values and int64 tensors; no hidden states)."""
+        stores = []
+        for start, store in self._stores.items():
+            rows = list(store.rows)
+            sizes = [len(group) for group in store.groups]
+            flat = np.concatenate(store.groups) if store.groups else np.zeros(0, dtype=np.int64)
+            stores.append(
+                {
+                    "start": start,
+                    "nbytes": store.nbytes,
+                    "digest": store.digest,
+                    "rows": torch.tensor(rows, dtype=torch.int64),
+                    "group_of": torch.tensor([store.group_of[r] for r in rows], dtype=torch.int64),
+                    "groups": torch.from_numpy(flat.astype(np.int64)),
+                    "group_sizes": torch.tensor(sizes, dtype=torch.int64),
+                }
+            )
+        return {
+            "dtype": self.dtype_name,
+            "num_rows": len(self.data),
+            "stats": asdict(self.stats),
+            "stores": stores,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        """Restore the counters and the stores as they were (rows are recomputed at each store's
+        first use, see the module docstring). ``model`` is not needed: stores are checked lazily."""
+        self.stats = CacheStats(**state["stats"])
+        self._stores.clear()
+        if state["dtype"] != self.dtype_name or state["num_rows"] != len(self.data):
+            log.warning(
+                "activation cache checkpoint is for %s rows in %s, this cache holds %d rows in %s: "
+                "starting with empty stores",
+                state["num_rows"],
+                state["dtype"],
+                len(self.data),
+                self.dtype_name,
+            )
+            return
+        for entry in state["stores"]:
+            rows = [int(r) for r in _ints(entry["rows"])]
+            sizes = _ints(entry["group_sizes"])
+            flat = _ints(entry["groups"])
+            groups = np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
+            self._stores[int(entry["start"])] = _Store(
+                None,
+                str(entry["digest"]),
+                dict.fromkeys(rows),
+                int(entry["nbytes"]),
+                groups=[np.asarray(g, dtype=np.int64) for g in groups],
+                group_of=dict(zip(rows, (int(g) for g in _ints(entry["group_of"])), strict=True)),
+            )
 
     def logits(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor], rows: np.ndarray
@@ -220,3 +352,9 @@ class ActivationCache:
             return model(**inputs).logits
         hidden = self.hidden(model, rows, start)
         return top_logits(model, hidden, batch["attention_mask"], start)
+
+
+def _ints(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.numpy().astype(np.int64)
+    return np.asarray(value, dtype=np.int64)

@@ -165,3 +165,119 @@ def test_engine_uses_the_cache_for_fixed_depth_runs(tmp_path, toy_data):
     assert row_cached["sim_time_s"] < row_plain["sim_time_s"]
     assert row_cached["bytes_up"] == row_plain["bytes_up"]
     assert "cache_hits" not in row_plain
+
+
+def _checkpointed(cache: ActivationCache, tmp_path) -> dict:
+    """The cache's state as a checkpoint stores it: JSON values + safetensors, read back."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from fedpeft.runs import join_tensors, split_tensors
+
+    value, tensors = split_tensors(cache.state_dict())
+    assert all(t.dtype == torch.int64 for t in tensors.values())  # row ids, never hidden states
+    (tmp_path / "cache.json").write_text(json.dumps(value))
+    save_file(tensors, str(tmp_path / "cache.safetensors"))
+    value = json.loads((tmp_path / "cache.json").read_text())
+    return join_tensors(value, load_file(str(tmp_path / "cache.safetensors")))
+
+
+def test_restored_cache_continues_as_the_uninterrupted_one(toy_data, tmp_path):
+    """Checkpoint a cache with two stores (one stale: an adapter sits below its start), restore it
+    beside a copy of the model (new objects, same weights, as after a restart), then do the same
+    things to both: every hit, miss, eviction and rebuild, the bytes and the bits agree."""
+    import copy
+    from dataclasses import asdict
+
+    settings = AdapterSettings(depth=1, width=8)
+    model, data = _setup(toy_data, depth=1, width=8)
+    for p in trainable_parameters(model).values():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+
+    def nbytes(rows):
+        return int(data.lengths[rows].sum()) * model.config.hidden_size * 2
+
+    bound = nbytes(np.r_[0:24, 40:43]) + nbytes(np.r_[4:20]) + 2 * nbytes([0])
+    cache = ActivationCache(data, dtype="fp16", max_bytes=bound)
+
+    def use(model, cache, rows):
+        rows = np.asarray(rows)
+        return cache.logits(model, data.batch(rows), rows)
+
+    use(model, cache, np.arange(0, 16))  # store for layer 3, three bottom forwards
+    use(model, cache, np.arange(8, 24))
+    use(model, cache, np.arange(40, 43))
+    set_layout(model, 2, 8, settings)  # an adapter in layer 2: the layer-3 store goes stale
+    use(model, cache, np.arange(4, 20))  # store for layer 2
+    assert list(cache._stores) == [3, 2] and cache.stats.misses == 43
+
+    state = _checkpointed(cache, tmp_path)
+    restored_model = copy.deepcopy(model)
+    restored = ActivationCache(data, dtype="fp16", max_bytes=bound)
+    restored.load_state_dict(state, restored_model)
+    assert asdict(restored.stats) == asdict(cache.stats) and restored.nbytes == cache.nbytes
+    again = restored.state_dict()  # a checkpoint taken before any use says the same
+    for entry, original in zip(again["stores"], state["stores"], strict=True):
+        assert entry.keys() == original.keys()
+        for key, value in entry.items():
+            same = torch.equal if isinstance(value, torch.Tensor) else (lambda a, b: a == b)
+            assert same(value, original[key]), key
+
+    def step(action):
+        out = [action(m, c) for m, c in ((model, cache), (restored_model, restored))]
+        assert asdict(restored.stats) == asdict(cache.stats)
+        assert restored.nbytes == cache.nbytes and list(restored._stores) == list(cache._stores)
+        if isinstance(out[0], torch.Tensor):
+            assert torch.equal(out[0], out[1])
+        return out[0]
+
+    hits = cache.stats.hits
+    step(lambda m, c: use(m, c, np.arange(4, 12)))  # served from the restored layer-2 store
+    assert cache.stats.hits == hits + 8
+    # back to depth 1: layer 2 is pristine again, the layer-3 store valid again (refilled, no misses)
+    step(lambda m, c: set_layout(m, 1, 8, settings))
+    misses = cache.stats.misses
+    step(lambda m, c: use(m, c, [0, 9, 23, 41]))
+    assert cache.stats.misses == misses and cache.stats.rebuilds == 0
+    step(lambda m, c: use(m, c, np.arange(24, 40)))  # new rows: the layer-2 store is evicted
+    assert cache.stats.evictions == 1 and list(cache._stores) == [3]
+    step(lambda m, c: use(m, c, np.arange(44, 80)))  # over the bound: rows not stored
+    assert cache.stats.not_stored > 0
+
+    # a frozen bottom weight changes: the store is rebuilt in both, never served stale
+    def bump(m, c):
+        with torch.no_grad():
+            m.bert.embeddings.word_embeddings.weight.mul_(1.5)
+
+    step(bump)
+    step(lambda m, c: use(m, c, np.arange(0, 8)))
+    assert cache.stats.rebuilds == 1
+
+
+def test_restored_store_whose_bottom_changed_is_rebuilt_on_first_use(toy_data, tmp_path):
+    settings = AdapterSettings(depth=1, width=8)
+    model, data = _setup(toy_data, depth=1, width=8)
+    model.eval()
+    cache = ActivationCache(data, dtype="fp32")
+    cache.logits(model, data.batch(np.arange(8)), np.arange(8))
+    set_layout(model, 2, 8, settings)  # at the checkpoint the layer-3 store is stale ...
+    state = _checkpointed(cache, tmp_path)
+
+    fresh, _ = _setup(toy_data, depth=2, width=8)  # ... and stays so: the adapter is still there
+    fresh.eval()
+    restored = ActivationCache(data, dtype="fp32", max_bytes=cache.nbytes)
+    restored.load_state_dict(state, fresh)
+    assert restored.nbytes == cache.nbytes  # it still holds its bytes until it is used or evicted
+    with torch.no_grad():  # force layer 3 as the start: the store was made without this adapter
+        hidden = restored.hidden(fresh, np.arange(8), 3)
+    assert restored.stats.rebuilds == 1 and restored.stats.misses == 16
+    from fedpeft.cache import bottom_hidden
+
+    expected = bottom_hidden(fresh, data.batch(np.arange(8)), 3)
+    assert torch.equal(hidden[:, : expected.shape[1]], expected)
+
+    other = ActivationCache(data, dtype="fp16")  # a checkpoint of another cache setup: start empty
+    other.load_state_dict(state, fresh)
+    assert other.nbytes == 0 and other.stats.misses == 8

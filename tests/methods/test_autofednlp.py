@@ -1,4 +1,5 @@
-"""AutoFedNLP: candidates, tie-breaking, output-preserving upgrades, trial bookkeeping, resume."""
+"""AutoFedNLP: candidates, tie-breaking, output-preserving upgrades, trial bookkeeping (budget,
+clients), resume."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def _auto_config(toy_data, **overrides):
         "clients_per_round": 2,
         "rounds": 3,
         "validation_size": 40,
-        "autofednlp": {"tau": 0.001, "start_depth": 1},
+        # tau: the budget buys several rounds, more for the cheaper candidates (2-3 vs 1-2)
+        "autofednlp": {"tau": 0.006, "start_depth": 1},
         "activation_cache": {"enabled": True, "dtype": "fp32"},
         "cost": {"devices": ["jetson_tx2"], "networks": ["reference_1mbps"]},
     }
@@ -95,7 +97,9 @@ def _auto_config(toy_data, **overrides):
 
 
 def test_run_records_every_trial(tmp_path, toy_data):
-    summary, run = run_once(tmp_path / "auto", **_auto_config(toy_data))
+    config = _auto_config(toy_data)
+    summary, run = run_once(tmp_path / "auto", **config)
+    seed = build_config(config).seed
     rows = metrics(run)
     trials = [json.loads(line) for line in (run.path / "trials.jsonl").read_text().splitlines()]
     assert len(rows) == len(trials) == 3
@@ -111,6 +115,21 @@ def test_run_records_every_trial(tmp_path, toy_data):
         assert all(c["sim_time_s"] >= trial["budget_s"] for c in trial["candidates"])
         assert row["sim_time_s"] == max(c["sim_time_s"] for c in trial["candidates"])
         assert row["bytes_up"] == sum(c["bytes_up"] for c in trial["candidates"])
+        # one budget for all: the cheaper a candidate's rounds, the more of them it runs
+        by_cost = sorted(trial["candidates"], key=lambda c: c["sim_time_s"] / c["rounds"])
+        assert [c["rounds"] for c in by_cost] == sorted(
+            (c["rounds"] for c in by_cost), reverse=True
+        )
+        by_name = {c["name"]: c for c in trial["candidates"]}
+        assert by_name["shallow"]["rounds"] > by_name["deep"]["rounds"] >= 1
+        # the clients each candidate trained: drawn from its own pool, every round's, disjoint
+        pools = _method()._pools(seed, trial["period"], config["num_clients"], 3)
+        trained = [set(c["clients"]) for c in trial["candidates"]]
+        for candidate, pool, clients in zip(trial["candidates"], pools, trained, strict=False):
+            assert clients <= set(pool.tolist())
+            assert len(candidate["clients"]) == candidate["rounds"] * config["clients_per_round"]
+        assert all(not a & b for i, a in enumerate(trained) for b in trained[i + 1 :])
+        assert sorted(set().union(*trained)) == row["clients"]
     for previous, trial in zip(trials, trials[1:], strict=False):
         winner = next(c for c in previous["candidates"] if c["name"] == previous["winner"])
         assert trial["start"] == {"depth": winner["depth"], "width": winner["width"]}
