@@ -71,15 +71,16 @@ class MaskedMeanPooler(nn.Module):
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def _remember_mask(encoder: nn.Module, args, kwargs) -> None:
+    """Hand the call's attention mask to the encoder's own pooler (looked up at call time, so a
+    deep copy of the model feeds its own pooler, not the original's)."""
+    if isinstance(encoder.pooler, MaskedMeanPooler):
+        encoder.pooler.mask = kwargs.get("attention_mask")
+
+
 def _use_mean_pooling(model: BertForSequenceClassification) -> None:
-    pooler = MaskedMeanPooler()
-    model.bert.pooler = pooler
-
-    def remember_mask(_module, args, kwargs):
-        pooler.mask = kwargs.get("attention_mask")
-        return None
-
-    model.bert.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    model.bert.pooler = MaskedMeanPooler()
+    model.bert.register_forward_pre_hook(_remember_mask, with_kwargs=True)
 
 
 def _looks_like_path(spec: str) -> bool:

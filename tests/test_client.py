@@ -100,3 +100,22 @@ def test_evaluate_counts_every_row(toy_data):
     result = evaluate(model, data, np.arange(50), batch_size=16)
     assert result.num_samples == 50
     assert 0.0 <= result.accuracy <= 1.0
+
+
+def test_a_deep_copy_of_a_mean_pooled_model_pools_with_its_own_mask():
+    import copy
+
+    from fedpeft.models import load_model
+
+    model, _tok = load_model("tiny", 3)
+    twin = copy.deepcopy(model)
+    ids = torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]])
+    mask = (ids != 0).long()
+    model.eval()
+    twin.eval()
+    other = mask.clone()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = twin(input_ids=ids, attention_mask=other).logits
+    assert torch.allclose(expected, got, atol=1e-6)
+    assert model.bert.pooler.mask is mask and twin.bert.pooler.mask is other
