@@ -44,8 +44,9 @@ def test_grid_declares_the_issue_and_seeds():
         assert seeds == ([0, 1, 2] if three else [0])
     language = [c for c in cells if c.phase == "language"]
     assert {c.method for c in language} == set(study.VARIANTS)
-    assert len(label) == 32 and len(language) == 5
-    assert {c.lr_group for c in cells if c.method == "fedprox_adapter"} == {"adapter"}
+    assert len(label) == 40 and len(language) == 7
+    for baseline in ("fedprox_adapter", "local_adapter", "adapter_finetune"):
+        assert {c.lr_group for c in cells if c.method == baseline} == {"adapter"}
 
 
 def test_quick_runs_every_cell_and_writes_the_report(quick_out):
@@ -72,7 +73,6 @@ def test_quick_runs_every_cell_and_writes_the_report(quick_out):
     for heading in (
         "Label skew: accuracy",
         "Language skew: umsab",
-        "Not run yet",
         "Against the paper",
     ):
         assert heading in page
