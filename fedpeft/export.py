@@ -143,6 +143,11 @@ def load_run_model(run_path: Path, which: str | None = None) -> RunModel:
 
     run = RunDir.open(Path(run_path))
     config = load_config(run.config_path)
+    if config.method == "local":
+        raise ExportError(
+            "method local keeps one module per client and never trains a global one: "
+            "there is no model to use"
+        )
     path = weights_path(run.path, which)
     state = load_file(str(path))
     num_labels = _head_size(state, path)
@@ -150,6 +155,10 @@ def load_run_model(run_path: Path, which: str | None = None) -> RunModel:
     model, tokenizer = build_model(config, num_labels)
     if config.method == "autofednlp":
         _autofednlp_layout(model, config, state)
+    if config.method == "c2a":  # the global model, conditioned as in global evaluation
+        from fedpeft.peft.hyperadapter import set_condition
+
+        set_condition(model, None)
     try:
         load_trainable_state(model, state)
     except ValueError as err:
@@ -259,11 +268,11 @@ class FedpeftBertForSequenceClassification(BertForSequenceClassification):
             adapter = Bottleneck(dense.out_features, site["width"], site["activation"])
             parent.dense = AdaptedLinear(dense, adapter)
         if config.pooling == "mean":
-            pooler = MaskedMeanPooler()
-            self.bert.pooler = pooler
+            self.bert.pooler = MaskedMeanPooler()
 
-            def remember_mask(_module, args, kwargs):
-                pooler.mask = kwargs.get("attention_mask")
+            def remember_mask(encoder, args, kwargs):  # the encoder's own pooler, copies too
+                if isinstance(encoder.pooler, MaskedMeanPooler):
+                    encoder.pooler.mask = kwargs.get("attention_mask")
                 return None
 
             self.bert.register_forward_pre_hook(remember_mask, with_kwargs=True)

@@ -229,3 +229,31 @@ def test_predict_input_errors_are_one_line(runs, tmp_path, capsys):
     rows.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
     assert main(["predict", run, "--file", str(rows)]) == 2
     assert f"{rows}:2:" in capsys.readouterr().err
+
+
+def _seed_system_run(tmp_path, toy_data, method: str, **extra) -> str:
+    from fedpeft.config import build_config, dump_config
+    from fedpeft.engine.local import EmbeddedEngine
+    from fedpeft.job import build_job
+    from fedpeft.runs import RunDir
+
+    config = build_config(tiny_config(toy_data, method=method, rounds=1, **extra))
+    run = RunDir.create(tmp_path / method, dump_config(config))
+    EmbeddedEngine(build_job(config), run).run()
+    return str(run.path)
+
+
+def test_predict_with_a_c2a_run_uses_the_global_condition(tmp_path, toy_data, capsys):
+    run = _seed_system_run(tmp_path, toy_data, "c2a")
+    loaded = export.load_run_model(Path(run))
+    first = export.logits(loaded, TEXTS[:2])
+    assert torch.allclose(first, export.logits(loaded, TEXTS[:2]))  # uniform label input each time
+    assert main(["predict", run, "--text", TEXTS[0]]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_a_local_only_run_has_no_model_to_export_or_predict_with(tmp_path, toy_data, capsys):
+    run = _seed_system_run(tmp_path, toy_data, "local", personalized_eval=True)
+    assert main(["predict", run, "--text", TEXTS[0]]) == 2
+    assert "method local" in capsys.readouterr().err
+    assert main(["export", run, "--out", str(tmp_path / "x")]) == 2
