@@ -193,6 +193,8 @@ class _RunConfigBase(_Strict):
                 f"engine: {self.engine} does not run method {self.method} yet "
                 f"(use engine: {spec.engines[0]})"
             )
+        if self.engine == "flower" and self.quantize != "none":
+            raise ValueError("quantize: engine flower sends float tensors; set quantize: none")
         if self.lr is None:
             self.lr = spec.default_lr
         if self.algorithm not in ALGORITHMS:

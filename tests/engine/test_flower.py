@@ -55,8 +55,14 @@ def test_config_accepts_flower_and_validates_its_section(toy_data):
         build_config(tiny_config(toy_data), ["flower.round_timeout_s=0"])
     with pytest.raises(ConfigError, match="unknown config key 'flower.port'"):
         build_config(tiny_config(toy_data), ["flower.port=1"])
-    with pytest.raises(ConfigError, match="quantize"):
-        check_supported(build_config(tiny_config(toy_data, engine="flower", quantize="int8")))
+    # refused when the config is validated, before any run folder exists
+    with pytest.raises(ConfigError, match="quantize: engine flower"):
+        build_config(tiny_config(toy_data, engine="flower", quantize="int8"))
+    with pytest.raises(ConfigError, match="engine: flower does not run method autofednlp"):
+        build_config(
+            tiny_config(toy_data, engine="flower", method="autofednlp", num_clients=6),
+        )
+    check_supported(build_config(tiny_config(toy_data, engine="flower")))  # runs: no error
 
 
 def test_app_folder_carries_the_run_and_secure_commands(tmp_path, toy_data):
