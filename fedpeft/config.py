@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from fedpeft import registry
-from fedpeft.algorithms import ALGORITHMS
+from fedpeft.algorithms import ALGORITHMS, KRUM_KINDS, check_clients
+from fedpeft.attacks import ATTACKS, num_attackers
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,34 @@ class RobustSettings(_Strict):
 
     trim_ratio: float = Field(0.2, ge=0, lt=0.5, description="share trimmed at each end")
     clip_norm: float | None = Field(None, gt=0, description="bound on an update's L2 norm")
+    num_byzantine: int = Field(
+        1,
+        ge=0,
+        description="f, Byzantine clients per round that krum / multi_krum / bulyan tolerate "
+        "(clients_per_round must exceed 2f + 2; bulyan: at least 4f + 3)",
+    )
+    multi_krum_m: int | None = Field(
+        None, ge=1, description="multi_krum: how many best-scored updates are averaged (n - f)"
+    )
+
+
+class AttackSettings(_Strict):
+    """Simulated attackers in the embedded engine (fedpeft/attacks.py).
+
+    ``floor(fraction x num_clients)`` clients, drawn once from the run seed, attack whenever they
+    are sampled; they are listed in the run folder's ``attackers.json``.
+    """
+
+    type: Literal["none", "sign_flip", "scale", "noise", "label_flip"] = Field(
+        "none", description="|".join(ATTACKS)
+    )
+    fraction: float = Field(0.0, ge=0, le=1, description="share of clients that attack")
+    scale: float | None = Field(
+        None,
+        gt=0,
+        description="sign_flip / scale: update multiplier (1 / 10); noise: std (1); "
+        "null: the default in brackets",
+    )
 
 
 class CostSettings(_Strict):
@@ -170,6 +199,7 @@ class _RunConfigBase(_Strict):
     fedprox: FedProxSettings = Field(default_factory=FedProxSettings)
     fedopt: FedOptSettings = Field(default_factory=FedOptSettings)
     robust: RobustSettings = Field(default_factory=RobustSettings)
+    attack: AttackSettings = Field(default_factory=AttackSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     activation_cache: ActivationCacheSettings = Field(default_factory=ActivationCacheSettings)
@@ -207,6 +237,33 @@ class _RunConfigBase(_Strict):
             )
         if spec.check is not None:
             spec.check(self)
+        return self
+
+    @model_validator(mode="after")
+    def _robust_and_attack(self) -> _RunConfigBase:
+        robust, attack = self.robust, self.attack
+        if self.algorithm in KRUM_KINDS:
+            try:
+                check_clients(self.algorithm, self.clients_per_round, robust.num_byzantine)
+            except ValueError as err:
+                raise ValueError(f"clients_per_round: {err} (robust.num_byzantine)") from None
+            room = self.clients_per_round - robust.num_byzantine
+            if self.algorithm == "multi_krum" and (robust.multi_krum_m or 0) > room:
+                raise ValueError(
+                    f"robust.multi_krum_m: {robust.multi_krum_m} is more than clients_per_round "
+                    f"- num_byzantine ({room})"
+                )
+        if attack.type == "none":
+            return self
+        if self.engine != "embedded":
+            raise ValueError(f"attack: engine {self.engine} does not simulate attacks yet")
+        if attack.type == "label_flip" and attack.scale is not None:
+            raise ValueError("attack.scale: label_flip takes no scale")
+        if num_attackers(self.num_clients, attack.fraction) < 1:
+            raise ValueError(
+                f"attack.fraction: {attack.fraction} of {self.num_clients} clients selects no "
+                "attacker"
+            )
         return self
 
     def method_settings(self) -> BaseModel:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft import cost, peft, registry
+from fedpeft import attacks, cost, peft, registry
 from fedpeft.algorithms import ServerAlgorithm, make_algorithm
 from fedpeft.cache import ActivationCache
 from fedpeft.client import LocalTraining
@@ -45,6 +45,7 @@ class Job:
     initial_state: State = field(default_factory=dict)  # what every client holds when it joins
     test_groups: np.ndarray | None = None  # natural partitions: each test row's group
     caches: dict[str, ActivationCache] = field(default_factory=dict)  # split -> activation cache
+    attack: attacks.AttackPlan | None = None  # simulated attackers (embedded engine)
 
 
 def default_validation_size(train_rows: int) -> int:
@@ -97,6 +98,8 @@ def build_algorithm(config: RunConfig) -> ServerAlgorithm:
         tau=config.fedopt.tau,
         trim_ratio=config.robust.trim_ratio,
         clip_norm=config.robust.clip_norm,
+        num_byzantine=config.robust.num_byzantine,
+        multi_krum_m=config.robust.multi_krum_m,
     )
 
 
@@ -223,4 +226,11 @@ def build_job(config: RunConfig) -> Job:
         initial_state=trainable_state(model),
         test_groups=np.asarray(groups[1]) if groups else None,
         caches=caches,
+        attack=attacks.plan_attack(
+            config.attack.type,
+            config.attack.fraction,
+            config.num_clients,
+            config.seed,
+            config.attack.scale,
+        ),
     )

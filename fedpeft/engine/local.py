@@ -12,9 +12,10 @@ skeleton (``engine/run.py``) is shared with the Flower engine.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
-from fedpeft import cost, payload, quantize
+from fedpeft import attacks, cost, payload, quantize
 from fedpeft.client import Evaluation
 from fedpeft.engine.run import (
     ProgressHook,
@@ -34,7 +35,7 @@ from fedpeft.engine.run import (
 from fedpeft.job import Job
 from fedpeft.methods.base import ClientFit, ClientRunner, ClientUpdate, RoundDriver, RoundReport
 from fedpeft.peft.base import State, load_trainable_state
-from fedpeft.runs import RunDir
+from fedpeft.runs import RunDir, write_json
 
 __all__ = ["EmbeddedEngine", "client_seed", "encode_upload", "sample_clients"]
 
@@ -71,7 +72,16 @@ class EmbeddedEngine:
         else:
             down_blob = payload.encode(down)
             received = payload.decode(down_blob)
-        work = train_client(job, rnd, cid, received, self.state.store.of(cid), stream)
+        plan = job.attack  # a simulated attacker poisons its labels or its upload
+        attacking = plan is not None and cid in plan.attackers
+        if plan is not None and not (self.run_dir.path / "attackers.json").is_file():
+            write_json(self.run_dir.path / "attackers.json", plan.record())
+        trainer = job
+        if attacking and plan.kind == "label_flip":
+            trainer = replace(job, train=attacks.flip_labels(job.train, len(job.label_names)))
+        work = train_client(trainer, rnd, cid, received, self.state.store.of(cid), stream)
+        if attacking and plan.kind in attacks.UPDATE_ATTACKS:
+            work.sent = attacks.poison_update(plan, work.sent, received, rnd, cid, *stream)
         expected = expected_upload(job, rnd, cid, global_state)
         if int8:  # the update trained - received travels as int8 codes + scales;
             # the server adds it to its own exact copy of what it sent, so download
