@@ -277,6 +277,9 @@ _ALGORITHM_SECTIONS = {
     "fedadagrad": ("fedopt", "FedAvg then a server Adagrad step"),
     "median": ("robust", "coordinate-wise median"),
     "trimmed_mean": ("robust", "coordinate-wise trimmed mean"),
+    "krum": ("robust", "the one client state closest to its n - f - 2 neighbours (Blanchard 2017)"),
+    "multi_krum": ("robust", "the mean of the m states with the best Krum scores"),
+    "bulyan": ("robust", "Krum selection, then a per-coordinate trimmed mean (El Mhamdi 2018)"),
 }
 
 

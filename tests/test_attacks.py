@@ -182,6 +182,8 @@ def test_sign_flip_attackers_are_recorded_and_krum_resists(tmp_path, toy_data, m
         record = json.loads((folder / "attackers.json").read_text())
         assert record["attackers"] == attackers and record["type"] == "sign_flip"
     assert not (clean_run.path / "attackers.json").exists()
+    (row,) = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert row["attackers_in_round"] == sorted(attackers)  # all ten clients sample round 1
     # round 1 samples all ten clients in order; an attacker sends g - (w - g), where g is what it
     # received and w exactly what it sent in the clean run (training is seeded by round and client)
     for cid in range(10):

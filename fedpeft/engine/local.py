@@ -114,6 +114,9 @@ class EmbeddedEngine:
             return self.method.run_round(rnd, global_state, _Runner(self))
         clients = sample_clients(config.seed, rnd, config.num_clients, config.clients_per_round)
         report = RoundReport(rnd, clients, train_loss=0.0)
+        if self.job.attack is not None:
+            attackers = set(self.job.attack.attackers)
+            report.extra["attackers_in_round"] = [c for c in clients if c in attackers]
         updates = []
         for i, cid in enumerate(clients):
             fit = self._client_round(rnd, cid, global_state)

@@ -40,6 +40,9 @@ def test_names():
         "fedyogi",
         "median",
         "trimmed_mean",
+        "krum",
+        "multi_krum",
+        "bulyan",
     )
     for name in ALGORITHMS:
         assert make_algorithm(name).name == name
