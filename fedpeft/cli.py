@@ -534,9 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1[,V2]",
         help="run only matching cells, e.g. dataset=rte or method=lora,full (repeatable)",
     )
-    bench.add_argument(
-        "--part", metavar="I/N", help="run the I-th of N slices of the cells"
-    )
+    bench.add_argument("--part", metavar="I/N", help="run the I-th of N slices of the cells")
     bench.add_argument(
         "--report-only", action="store_true", help="rewrite the report from finished cells only"
     )
