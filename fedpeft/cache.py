@@ -52,21 +52,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
 
 from fedpeft.data.tokenize import TokenizedData
-from fedpeft.models import MaskedMeanPooler
+from fedpeft.models.families import task_model
 from fedpeft.peft.base import encoder_layers, lowest_trainable_layer
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 log = logging.getLogger("fedpeft.cache")
 
 
-def _bert(model: nn.Module) -> nn.Module:
-    bert = getattr(model, "bert", None)
-    if bert is None or not hasattr(model, "classifier"):
-        raise ValueError("the activation cache needs a BertForSequenceClassification-style model")
-    return bert
+class _Stop(Exception):
+    """Ends a forward pass once the wanted hidden states are captured."""
+
+
+def _task(model: nn.Module):
+    family, task = task_model(model)
+    if task is not model:
+        raise ValueError("the activation cache needs an unwrapped sequence-classification model")
+    return family, task
 
 
 def cache_start_layer(model: nn.Module) -> int | None:
@@ -75,7 +78,9 @@ def cache_start_layer(model: nn.Module) -> int | None:
     None when layer 0 or the embeddings train (full fine-tuning, prompt/prefix tuning) or the model
     is wrapped (peft's PeftModel): there is no frozen bottom to skip.
     """
-    if not hasattr(model, "bert"):
+    try:
+        _task(model)
+    except ValueError:
         return None
     num_layers = len(encoder_layers(model))
     start = lowest_trainable_layer(model, num_layers)
@@ -86,15 +91,10 @@ def _layer_out(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _mask4d(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
-    return create_bidirectional_mask(
-        config=_bert(model).config, inputs_embeds=hidden, attention_mask=attention_mask
-    )
-
-
 def _bottom_modules(model: nn.Module, start: int) -> list[nn.Module]:
     """The frozen bottom below ``start``: the embeddings and layers ``0..start-1``."""
-    return [_bert(model).embeddings, *encoder_layers(model)[:start]]
+    family, task = _task(model)
+    return [*family.embedding_modules(task), *family.task_layers(task)[:start]]
 
 
 @torch.no_grad()
@@ -115,24 +115,33 @@ def bottom_digest(model: nn.Module, start: int) -> str:
 
 @torch.no_grad()
 def bottom_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor], start: int) -> torch.Tensor:
-    """Hidden states entering layer ``start``: embeddings and layers ``0..start-1`` in eval mode."""
-    bert = _bert(model)
-    layers = encoder_layers(model)
+    """Hidden states entering layer ``start``: embeddings and layers ``0..start-1`` in eval mode.
+
+    The model's own forward runs (so masks, positions and rotary embeddings are its own) and is
+    stopped as soon as layer ``start - 1`` (or the embeddings, for 0) has produced its output.
+    """
+    family, task = _task(model)
     modules = _bottom_modules(model, start)
+    last = family.task_layers(task)[start - 1] if start > 0 else modules[-1]
+    captured: list[torch.Tensor] = []
+
+    def stop(_module, _args, output):
+        captured.append(_layer_out(output))
+        raise _Stop
+
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
+    hook = last.register_forward_hook(stop)
     try:
-        hidden = bert.embeddings(
-            input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids")
-        )
-        mask = _mask4d(model, hidden, batch["attention_mask"])
-        for layer in layers[:start]:
-            hidden = _layer_out(layer(hidden, mask))
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    except _Stop:
+        pass
     finally:
+        hook.remove()
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
-    return hidden
+    return captured[0]
 
 
 def top_logits(
@@ -141,17 +150,28 @@ def top_logits(
     """Logits from the hidden states entering layer ``start``: layers ``start..``, pooler, head.
 
     Gives the same logits as ``model(**batch).logits`` when ``hidden`` is ``bottom_hidden``'s output
-    and the bottom is deterministic (eval mode); the mean pooler gets the mask the pre-hook on the
-    full forward would have handed it.
+    and the bottom is deterministic (eval mode). The model's own forward runs with the embeddings'
+    output replaced by ``hidden`` and its layer list cut to layers ``start..`` for the call, so
+    masks, positions, the final norm, the pooler and the head are the model's own.
     """
-    bert = _bert(model)
-    mask = _mask4d(model, hidden, attention_mask)
-    for layer in encoder_layers(model)[start:]:
-        hidden = _layer_out(layer(hidden, mask))
-    if isinstance(bert.pooler, MaskedMeanPooler):
-        bert.pooler.mask = attention_mask
-    pooled = bert.pooler(hidden) if bert.pooler is not None else hidden[:, 0]
-    return model.classifier(model.dropout(pooled))
+    family, task = _task(model)
+    parent_path, _, attr = family.layers.rpartition(".")
+    parent = task.get_submodule(parent_path)
+    layers = getattr(parent, attr)
+    embeddings = family.embedding_modules(task)
+    modes = [m.training for m in embeddings]
+    for m in embeddings:  # their output is replaced: no dropout draws from the RNG
+        m.eval()
+    hook = embeddings[-1].register_forward_hook(lambda _module, _args, _output: hidden)
+    setattr(parent, attr, layers[start:])
+    try:
+        ids = torch.zeros(attention_mask.shape, dtype=torch.long, device=hidden.device)
+        return model(input_ids=ids, attention_mask=attention_mask).logits
+    finally:
+        setattr(parent, attr, layers)
+        hook.remove()
+        for m, mode in zip(embeddings, modes, strict=True):
+            m.train(mode)
 
 
 @dataclass

@@ -7,11 +7,17 @@ a network profile, and a round costs what the slowest sampled client would need 
     client time = train FLOPs / device FLOP/s + bytes up / up-rate + bytes down / down-rate
     round time  = max over the round's clients
 
-FLOPs per sample, one encoder layer (hidden h, feed-forward i, sequence s, extra prefix keys p):
+FLOPs per sample, one transformer layer (hidden h, feed-forward i, sequence s, extra prefix keys
+p, key/value width k = h * kv_heads / heads, m = 3 feed-forward matrices with a gate, else 2):
 
-    matmuls    2 * (4 h^2 + 2 h i) * s          Q, K, V, O projections and the two FFN matrices
+    matmuls    2 * (2 h^2 + 2 h k + m h i) * s  Q and O, K and V, the feed-forward matrices
     attention  2 * 2 * s * (s + p) * h          scores Q K^T and the weighted sum of V
-    head       2 * (h^2 + h * num_labels)       pooler and classifier, on one token
+    head       2 * (h^2 + h * num_labels)       pooler and classifier, on one token (decoder
+                                                heads have no h x h layer: 2 h num_labels)
+
+A BERT layer (k = h, m = 2) is 2 * (4 h^2 + 2 h i) * s; a LLaMA layer with grouped-query
+attention has k < h and m = 3. Causal attention is counted in full (eager attention computes the
+whole score matrix).
 
 A training step costs the forward pass, the backward pass for activations and the weight gradients:
 
@@ -102,35 +108,65 @@ NETWORKS: dict[str, NetworkProfile] = {
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes of a BERT-style encoder that its FLOPs depend on."""
+    """The sizes of a transformer that its FLOPs depend on.
+
+    ``heads``/``kv_heads``: attention heads and key/value heads (grouped-query attention has
+    fewer of the latter); None for both means keys and values are as wide as the hidden state.
+    ``gated_mlp``: the feed-forward block has a gate projection (LLaMA: 3 matrices, not 2).
+    ``head_dense``: the head has an h x h layer (BERT's pooler, RoBERTa's and DistilBERT's
+    dense layer) before the classifier.
+    """
 
     num_layers: int
     hidden: int
     intermediate: int
     vocab_size: int
     num_labels: int
+    heads: int | None = None
+    kv_heads: int | None = None
+    gated_mlp: bool = False
+    head_dense: bool = True
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "hidden", "intermediate", "vocab_size", "num_labels"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"ModelDims.{field} must be positive, got {getattr(self, field)}")
+        if (self.heads is None) != (self.kv_heads is None):
+            raise ValueError("ModelDims.heads and kv_heads are given together or not at all")
+
+    @property
+    def kv_width(self) -> int:
+        """Output width of the key (and of the value) projection."""
+        if self.heads is None or self.kv_heads is None:
+            return self.hidden
+        return self.hidden * self.kv_heads // self.heads
 
     @classmethod
     def from_hf_config(cls, config: Any, num_labels: int) -> ModelDims:
-        """From a BertConfig-like object (num_hidden_layers, hidden_size, intermediate_size, ...)."""
+        """From a transformers config of a supported family (``fedpeft.models.families``)."""
+        from fedpeft.models.families import family_for_config
+
+        family = family_for_config(config)
+        heads = config.num_attention_heads
         return cls(
             num_layers=config.num_hidden_layers,
             hidden=config.hidden_size,
-            intermediate=config.intermediate_size,
+            intermediate=family.intermediate_size(config),
             vocab_size=config.vocab_size,
             num_labels=num_labels,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            gated_mlp=family.gated_mlp,
+            head_dense=family.head_dense,
         )
 
 
 def _matmul_flops(dims: ModelDims, seq_len: int) -> float:
-    """One layer's weight matmuls per sample: QKV + O (4 h^2) and the FFN (2 h i), 2 FLOPs per MAC."""
-    h, i = dims.hidden, dims.intermediate
-    return 2.0 * (4 * h * h + 2 * h * i) * seq_len
+    """One layer's weight matmuls per sample: Q and O (2 h^2), K and V (2 h k) and the FFN
+    (2 or, with a gate, 3 h i), 2 FLOPs per multiply-add."""
+    h, i, k = dims.hidden, dims.intermediate, dims.kv_width
+    ffn = 3 if dims.gated_mlp else 2
+    return 2.0 * (2 * h * h + 2 * h * k + ffn * h * i) * seq_len
 
 
 def _attention_flops(dims: ModelDims, seq_len: int, extra_kv: int) -> float:
@@ -139,8 +175,9 @@ def _attention_flops(dims: ModelDims, seq_len: int, extra_kv: int) -> float:
 
 
 def _head_flops(dims: ModelDims) -> float:
-    """Pooler (h x h) and classifier (h x labels), applied to the first token only."""
-    return 2.0 * (dims.hidden * dims.hidden + dims.hidden * dims.num_labels)
+    """Pooler (h x h, when the head has one) and classifier (h x labels), on one pooled vector."""
+    dense = dims.hidden * dims.hidden if dims.head_dense else 0
+    return 2.0 * (dense + dims.hidden * dims.num_labels)
 
 
 def _check_layer(dims: ModelDims, layer: int, what: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -37,18 +36,16 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedpeft.data.tokenize import TokenizedData
-from fedpeft.models import MaskedMeanPooler
+from fedpeft.models.families import family_of, layer_index
+from fedpeft.models.pooling import TOKEN_POOLERS
 from fedpeft.peft.base import encoder_layers
 
 State = dict[str, torch.Tensor]
 
-_LAYER = re.compile(r"(?:^|\.)layer\.(\d+)\.")
-
 
 def layer_of(name: str) -> int | None:
-    """The encoder layer index of a parameter name (None for the head and embeddings)."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
+    """The transformer layer index of a parameter name (None for the head and embeddings)."""
+    return layer_index(name)
 
 
 def lora_names(model: nn.Module) -> list[str]:
@@ -100,11 +97,16 @@ def fisher_pass(
         raise ValueError("fisher_pass needs at least one row")
     params = dict(model.named_parameters())
     theta = {n: params[n].detach() for n in names}
-    poolers = [m for m in model.modules() if isinstance(m, MaskedMeanPooler)]
+    poolers = [m for m in model.modules() if isinstance(m, TOKEN_POOLERS)]
+    causal = family_of(model).decoder
 
     def log_likelihood(theta, input_ids, attention_mask, token_type_ids, label):
         # one row, as a batch of one; the additive mask is built here, per row
         blocked = 1.0 - attention_mask[None, None, None, :].to(torch.float32)
+        if causal:  # decoders: no key after the query either
+            size = attention_mask.shape[0]
+            future = torch.ones(size, size, device=blocked.device).triu(diagonal=1)
+            blocked = torch.maximum(blocked, future[None, None])
         additive = blocked * torch.finfo(torch.float32).min
 
         def hand_mask(pooler, _args):  # mean pooling over this row's real tokens

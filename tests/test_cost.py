@@ -94,7 +94,7 @@ def test_full_fine_tuning_is_about_three_forwards():
     model = BertForSequenceClassification(config)
     per_token = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
     dims = ModelDims.from_hf_config(config, num_labels=3)
-    assert dims == ModelDims(2, 64, 256, 100, 3)
+    assert dims == ModelDims(2, 64, 256, 100, 3, heads=4, kv_heads=4)
     for seq in (16, 128):
         train = train_flops(dims, seq, 1, lowest_trainable_layer=0, trainable_params=per_token)
         assert train / forward_flops(dims, seq) == pytest.approx(3.0, rel=0.03)

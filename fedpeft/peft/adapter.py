@@ -1,7 +1,7 @@
 """Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021), written here.
 
-An adapter is ``x + up(act(down(x)))`` applied to a sub-layer's output before its residual
-LayerNorm. ``pfeiffer`` places one after the feed-forward block of each chosen layer; ``houlsby``
+An adapter is ``x + up(act(down(x)))`` applied to a sub-layer's output projection before the
+residual add (and, in post-LN encoders, its LayerNorm); the model's family says where that is. ``pfeiffer`` places one after the feed-forward block of each chosen layer; ``houlsby``
 also places one after the attention block. *Depth* d puts adapters in the top d layers only (all
 layers below stay frozen, which is what lets a client cache their activations); *width* is the
 bottleneck size. The up-projection starts at zero, so a fresh adapter is the identity and adding
@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from fedpeft.models.families import Family, family_of, out_features
 from fedpeft.peft.base import encoder_layers, freeze_all, resolve_layers, unfreeze_head
 from fedpeft.registry import MethodSpec
 
@@ -81,7 +82,7 @@ class Bottleneck(nn.Module):
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen linear sub-layer output followed by an adapter."""
+    """A frozen sub-layer output projection (a linear map) followed by an adapter."""
 
     def __init__(self, linear: nn.Linear, adapter: Bottleneck):
         super().__init__()
@@ -92,24 +93,24 @@ class AdaptedLinear(nn.Module):
         return self.adapter(self.linear(x))
 
 
-def _sites(layer: nn.Module, placement: str) -> list[nn.Module]:
-    """The sub-layer output modules (holding ``.dense``) that get an adapter."""
-    sites = [layer.output]
-    if placement == "houlsby":
-        sites.insert(0, layer.attention.output)
-    return sites
+def _sites(family: Family, layer: nn.Module, placement: str) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of the sub-layer output projections that get an adapter."""
+    which = ["attention", "ffn"] if placement == "houlsby" else ["ffn"]
+    return [family.site(layer, site) for site in which]
 
 
 def add_adapters(model: nn.Module, layer_indices: list[int], settings: AdapterSettings) -> None:
     """Put trainable adapters into the given layers (skipping any that already have one)."""
+    family = family_of(model)
     layers = encoder_layers(model)
     for index in layer_indices:
-        for site in _sites(layers[index], settings.placement):
-            if isinstance(site.dense, AdaptedLinear):
+        for parent, attr in _sites(family, layers[index], settings.placement):
+            projection = getattr(parent, attr)
+            if isinstance(projection, AdaptedLinear):
                 continue
-            hidden = site.dense.out_features
+            hidden = out_features(projection)
             adapter = Bottleneck(hidden, settings.width, settings.activation, settings.init_std)
-            site.dense = AdaptedLinear(site.dense, adapter)
+            setattr(parent, attr, AdaptedLinear(projection, adapter))
 
 
 def adapters(model: nn.Module) -> list[Bottleneck]:
@@ -131,17 +132,18 @@ def set_layout(model: nn.Module, depth: int, width: int, settings: AdapterSettin
     this to move the one resident model between candidate configurations; the caller then loads
     the candidate's trainable state.
     """
+    family = family_of(model)
     layers = encoder_layers(model)
     keep = set(resolve_layers(None, depth, len(layers)))
     for index, layer in enumerate(layers):
-        for site in _sites(layer, "houlsby"):
-            adapted = site.dense
+        for parent, attr in _sites(family, layer, "houlsby"):
+            adapted = getattr(parent, attr)
             if not isinstance(adapted, AdaptedLinear):
                 continue
             if index not in keep:
-                site.dense = adapted.linear
+                setattr(parent, attr, adapted.linear)
             elif adapted.adapter.width > width:
-                hidden = adapted.linear.out_features
+                hidden = out_features(adapted.linear)
                 adapted.adapter = Bottleneck(hidden, width, settings.activation, settings.init_std)
             else:
                 adapted.adapter.grow(width)

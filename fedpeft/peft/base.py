@@ -7,16 +7,16 @@ to the server, and what the embedded engine swaps in and out of the one resident
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from fedpeft.models.families import head_prefixes, layer_index, layers_of
+
 State = dict[str, torch.Tensor]
 
-HEAD_PREFIXES = ("classifier.",)
-_LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+HEAD_PREFIXES = head_prefixes()  # every family's task head: classifier., score., ...
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -87,18 +87,25 @@ def lowest_trainable_layer(model: nn.Module, num_layers: int) -> int:
     for name in trainable_parameters(model):
         if _is_head(name):
             continue
-        match = _LAYER_INDEX.search(name)
-        lowest = min(lowest, int(match.group(1)) if match else 0)
+        index = layer_index(name)
+        lowest = min(lowest, index if index is not None else 0)
     return lowest
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a BERT-style model (also inside a peft wrapper)."""
-    for module in model.modules():
-        encoder = getattr(module, "encoder", None)
-        if encoder is not None and isinstance(getattr(encoder, "layer", None), nn.ModuleList):
-            return encoder.layer
-    raise ValueError("model has no BERT-style encoder.layer list")
+    """The transformer layers of the model's family (also inside a peft wrapper)."""
+    return layers_of(model)
+
+
+def model_sizes(model: nn.Module) -> dict[str, int]:
+    """Layers, width and heads for peft's prompt-learning configs (read through the config's
+    standard names, which peft does not find in every family's config, DistilBERT's say)."""
+    config = model.config
+    return {
+        "num_layers": config.num_hidden_layers,
+        "token_dim": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+    }
 
 
 def resolve_layers(layers: list[int] | None, top: int | None, num_layers: int) -> list[int]:

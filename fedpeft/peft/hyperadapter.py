@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from fedpeft.models.families import Family, family_of
 from fedpeft.peft.base import encoder_layers, freeze_all, resolve_layers, unfreeze_head
 
 HYPERNETWORK = "c2a"  # attribute of the model holding the hypernetwork (its parameters' prefix)
@@ -125,7 +126,7 @@ class HyperNetwork(nn.Module):
 
 
 class HyperAdaptedLinear(nn.Module):
-    """A frozen dense sub-layer output followed by the generated adapter of its layer."""
+    """A frozen sub-layer output projection followed by the generated adapter of its layer."""
 
     def __init__(self, linear: nn.Linear, hypernetwork: HyperNetwork, layer: int) -> None:
         super().__init__()
@@ -137,10 +138,10 @@ class HyperAdaptedLinear(nn.Module):
         return self._hypernetwork[0].adapt(self.linear(x), self.layer)
 
 
-def _site_modules(layer: nn.Module, sites: str) -> list[nn.Module]:
-    """The sub-layer output modules (holding ``.dense``) that get an adapter."""
-    chosen = {"attention": [layer.attention.output], "ffn": [layer.output]}
-    return chosen[sites] if sites in chosen else [layer.attention.output, layer.output]
+def _site_modules(family: Family, layer: nn.Module, sites: str) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of the sub-layer output projections that get an adapter."""
+    which = ["attention", "ffn"] if sites == "both" else [sites]
+    return [family.site(layer, site) for site in which]
 
 
 def _remember_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -163,9 +164,10 @@ def inject(model: nn.Module, settings: C2ASettings) -> nn.Module:
     hidden = model.config.hidden_size
     hypernetwork = HyperNetwork(hidden, model.config.num_labels, len(layers), settings)
     setattr(model, HYPERNETWORK, hypernetwork)
+    family = family_of(model)
     for index in chosen:
-        for site in _site_modules(layers[index], settings.sites):
-            site.dense = HyperAdaptedLinear(site.dense, hypernetwork, index)
+        for parent, attr in _site_modules(family, layers[index], settings.sites):
+            setattr(parent, attr, HyperAdaptedLinear(getattr(parent, attr), hypernetwork, index))
     model.register_forward_pre_hook(_remember_mask, with_kwargs=True)
     hypernetwork.requires_grad_(True)
     unfreeze_head(model)

@@ -6,6 +6,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from fedpeft.models.families import family_of
 from fedpeft.peft.base import encoder_layers, freeze_all, resolve_layers, unfreeze_head
 from fedpeft.registry import MethodSpec
 
@@ -18,9 +19,10 @@ class LoraSettings(BaseModel):
         16.0, gt=0, description="scaling numerator: the update is scaled by alpha/r"
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["query", "value"],
-        description="names of the linear layers to adapt",
+    target_modules: list[str] | None = Field(
+        None,
+        description="names of the linear layers to adapt (default: the model family's "
+        "query/value projections, e.g. query+value for BERT, q_proj+v_proj for LLaMA)",
     )
     layers: list[int] | None = Field(None, description="layer indices to adapt (default: all)")
     depth: int | None = Field(None, ge=0, description="adapt only the top `depth` layers")
@@ -35,7 +37,7 @@ def inject(model: nn.Module, settings: LoraSettings) -> nn.Module:
             r=settings.r,
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
-            target_modules=list(settings.target_modules),
+            target_modules=list(settings.target_modules or family_of(model).lora_targets),
             layers_to_transform=layers,
         )
         model = inject_adapter_in_model(config, model)

@@ -6,7 +6,8 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedpeft.peft.base import unfreeze_head
+from fedpeft.models import ModelError, family_of
+from fedpeft.peft.base import model_sizes, unfreeze_head
 from fedpeft.registry import MethodSpec
 
 
@@ -21,11 +22,17 @@ class PrefixSettings(BaseModel):
 
 
 def inject(model: nn.Module, settings: PrefixSettings) -> nn.Module:
+    family = family_of(model)
+    if not family.prefix_tuning:
+        raise ModelError(
+            f"prefix-tuning needs attention that takes past keys/values; {family.name}'s does not"
+        )
     config = PrefixTuningConfig(
         task_type=TaskType.SEQ_CLS,
         num_virtual_tokens=settings.num_virtual_tokens,
         prefix_projection=settings.projection,
         encoder_hidden_size=settings.hidden_size,
+        **model_sizes(model),
     )
     model = get_peft_model(model, config)
     unfreeze_head(model)

@@ -6,7 +6,7 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedpeft.peft.base import unfreeze_head
+from fedpeft.peft.base import model_sizes, unfreeze_head
 from fedpeft.registry import MethodSpec
 
 
@@ -18,7 +18,9 @@ class PromptSettings(BaseModel):
 
 def inject(model: nn.Module, settings: PromptSettings) -> nn.Module:
     config = PromptTuningConfig(
-        task_type=TaskType.SEQ_CLS, num_virtual_tokens=settings.num_virtual_tokens
+        task_type=TaskType.SEQ_CLS,
+        num_virtual_tokens=settings.num_virtual_tokens,
+        **model_sizes(model),
     )
     model = get_peft_model(model, config)
     unfreeze_head(model)
