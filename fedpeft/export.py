@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fedpeft.models.families import family_of
 from fedpeft.runs import RunDir
 
 WEIGHTS = {"final": "weights.safetensors", "best": "best.safetensors"}
@@ -47,7 +48,10 @@ MODEL_TYPE = "fedpeft_bert"
 MODEL_CLASS = "FedpeftBertForSequenceClassification"
 CONFIG_CLASS = "FedpeftBertConfig"
 BASE_FOLDER = "base"
-_HEAD_KEY = re.compile(r"(?:^|\.)classifier\.(?:modules_to_save\.default\.)?weight$")
+# the task head's last matrix: BERT/DistilBERT classifier, RoBERTa classifier.out_proj, decoder score
+_HEAD_KEY = re.compile(
+    r"(?:^|\.)(?:classifier|score)\.(?:modules_to_save\.default\.)?(?:out_proj\.)?weight$"
+)
 
 
 class ExportError(ValueError):
@@ -100,7 +104,7 @@ def _head_size(state: dict[str, torch.Tensor], path: Path) -> int:
     heads = [tensor for key, tensor in state.items() if _HEAD_KEY.search(key)]
     if len(heads) != 1:
         raise ExportError(
-            f"{path}: cannot find the task head (classifier.weight) among its tensors"
+            f"{path}: cannot find the task head (classifier or score weight) among its tensors"
         )
     return int(heads[0].shape[0])
 
@@ -455,6 +459,12 @@ def export_run(run_path: Path, out: Path, which: str | None = None) -> ExportRes
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; choose a new --out folder")
     run = load_run_model(run_dir.path, which)
+    family = family_of(run.model)
+    if family.name != "bert":
+        raise ExportError(
+            f"export writes BERT models only; this run's model is {family.name} "
+            "(fedpeft predict works with it)"
+        )
     source = modeling_source()
     module = _modeling_module(source)
     as_peft = method in PEFT_METHODS and hasattr(run.model, "peft_config")

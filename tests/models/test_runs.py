@@ -1,0 +1,77 @@
+"""Every PEFT method, C2A and FibecFed for a round in the embedded engine, on each model family;
+predictions from a run of another family, and export's refusal for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft.config import build_config, dump_config
+from fedpeft.engine.local import EmbeddedEngine
+from fedpeft.export import ExportError, export_run, load_run_model, predict
+from fedpeft.job import build_job
+from fedpeft.models import FAMILIES, ModelError
+from fedpeft.runs import RunDir
+from tests.conftest import tiny_config
+
+METHODS = ["lora", "adapter", "prefix", "prompt", "bitfit", "full"]
+NAMES = [family.name for family in FAMILIES]
+
+
+def spec(name: str) -> str:
+    return "tiny" if name == "bert" else f"tiny-{name}"
+
+
+def run_once(folder: Path, **config) -> tuple[dict, RunDir]:
+    cfg = build_config(config)
+    run = RunDir.create(folder, dump_config(cfg))
+    return EmbeddedEngine(build_job(cfg), run).run(), run
+
+
+def one_round(toy_data, name: str, **overrides) -> dict:
+    settings = {"rounds": 1, "max_train_samples": 96, "max_test_samples": 32, **overrides}
+    return tiny_config(toy_data, model=spec(name), **settings)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_every_family(tmp_path, toy_data, name, method):
+    config = one_round(toy_data, name, method=method)
+    if (name, method) == ("distilbert", "prefix"):
+        with pytest.raises(ModelError, match="prefix-tuning"):
+            run_once(tmp_path / "run", **config)
+        return
+    summary, _ = run_once(tmp_path / "run", **config)
+    assert summary["rounds_completed"] == 1
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    assert summary["trainable_params"] > 0 and summary["bytes_up_total"] > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_c2a_runs_on_every_family(tmp_path, toy_data, name):
+    summary, _ = run_once(tmp_path / "run", **one_round(toy_data, name, method="c2a", lr=3e-3))
+    assert summary["rounds_completed"] == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fibecfed_runs_on_every_family(tmp_path, toy_data, name):
+    config = one_round(
+        toy_data,
+        name,
+        method="fibecfed",
+        rounds=2,
+        lora={"r": 4},
+        fibecfed={"rescore_every": 10, "global_layers": 1, "top_neurons": 0.25},
+    )
+    summary, _ = run_once(tmp_path / "run", **config)
+    assert summary["rounds_completed"] == 2
+
+
+def test_a_decoder_run_predicts_and_export_says_it_cannot(tmp_path, toy_data):
+    _, run = run_once(tmp_path / "run", **one_round(toy_data, "llama", method="lora"))
+    model = load_run_model(run.path)
+    rows = predict(model, ["the football team won the match", "shares fell"])
+    assert len(rows) == 2 and all(label in model.label_names for label, _ in rows)
+    with pytest.raises(ExportError, match="llama"):
+        export_run(run.path, tmp_path / "exported")
