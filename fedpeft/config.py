@@ -165,7 +165,11 @@ class _RunConfigBase(_Strict):
     )
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
     max_seq_len: int = Field(128, ge=8, le=512)
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "last", "cls"] | None = Field(
+        None,
+        description="mean over tokens, last real token, or the family's own head (cls); "
+        "default: mean for encoders, last token for decoders",
+    )
 
     partition: Literal["iid", "dirichlet", "quantity", "natural"] = "dirichlet"
     alpha: float = Field(

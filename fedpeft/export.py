@@ -402,7 +402,7 @@ def _export_peft(run: RunModel, out: Path, final: Path, source: str, module: Mod
     backbone, _ = load_model(config.model, len(labels), pooling=config.pooling, seed=config.seed)
     state = _plain_state(backbone)
     state.update(head)
-    base = _hf_model(module, backbone, state, labels, config.pooling, [])
+    base = _hf_model(module, backbone, state, labels, config.pooling or "mean", [])
     base_dir = out / BASE_FOLDER
     tokenizer = _export_tokenizer(run)
     _write_model_folder(base, base_dir, source, tokenizer)
@@ -440,7 +440,9 @@ def _export_tokenizer(run: RunModel):
 def _export_model(run: RunModel, out: Path, source: str, module: ModuleType) -> None:
     state = _plain_state(run.model)
     sites = _adapter_sites(run.model)
-    model = _hf_model(module, run.model, state, run.label_names, run.config.pooling, sites)
+    model = _hf_model(
+        module, run.model, state, run.label_names, run.config.pooling or "mean", sites
+    )
     _write_model_folder(model, out, source, _export_tokenizer(run))
 
 

@@ -237,3 +237,18 @@ def test_fisher_scores_equal_a_per_row_loop(toy_data, name):
     slow = _slow_per_row_grads(model, data, rows, names)
     expected = torch.stack([sum(g.pow(2).sum() for g in row.values()) for row in slow])
     torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("model", "pooler"), [("tiny-gpt2", "LastTokenPooler"), ("tiny-roberta", "MaskedMeanPooler")]
+)
+def test_a_config_without_pooling_gets_the_familys_default(model, pooler):
+    from fedpeft.config import build_config
+    from fedpeft.job import build_model
+    from fedpeft.models.pooling import ATTACHED
+
+    config = build_config({"model": model, "method": "lora"})
+    assert config.pooling is None
+    built, _tokenizer = build_model(config, 3)
+    backbone = built.get_submodule(family_of(built).backbone)
+    assert type(getattr(backbone, ATTACHED)).__name__ == pooler
