@@ -40,7 +40,7 @@ PEFT, ~30 for full; evaluation ~90 rows/s). A label-skew cell: 10 clients x 128 
     label skew  2 datasets x (alpha 0.1: 3 x 3 seeds + full + fedprox = 11; alpha 1: 5) = 32 cells
                 -> 30 x 200 + 2 x 250 = 6,500 s
     umsab       8 clients x 128 rows, 4 per round: 5,120 samples -> ~170 s; 5 cells -> ~900 s
-    lr phase    9 cells x 6 rounds x 5 x 128 = 3,840 samples -> ~100 s each (full ~130) -> 1,000 s
+    lr phase    10 cells x 6 rounds x 5 x 128 = 3,840 samples -> ~100 s each (full ~130) -> 1,000 s
     baselines   local-only and FedAvg + fine-tuning: 10 cells (~2,000 s)
     total       ~10,400 s = ~2.9 h
 
@@ -80,7 +80,7 @@ LABEL_SKEWS = {"a0.1": 0.1, "a1": 1.0}
 LABEL_DATASETS = ["ag_news", "20newsgroups"]
 LANGUAGE = {"dataset": "umsab", "skew": "lang", "field": "lang", "clients": 8, "per_round": 4}
 SEEDED = {"methods": ["c2a", "adapter", "lora"], "skew": "a0.1", "seeds": [0, 1, 2]}
-LR_GRID = {"c2a": [1e-3, 3e-3, 1e-2], "adapter": [5e-3, 1e-2], "lora": [5e-3, 1e-2],
+LR_GRID = {"c2a": [1e-3, 3e-3, 1e-2, 3e-2], "adapter": [5e-3, 1e-2], "lora": [5e-3, 1e-2],
            "full": [5e-4, 1e-3]}
 LR_SELECTION = {"dataset": "ag_news", "skew": "a1", "rounds": 6}
 COMMON: dict[str, Any] = {
