@@ -17,6 +17,8 @@ from fedpeft import registry
 from fedpeft.algorithms import ALGORITHMS, KRUM_KINDS, check_clients
 from fedpeft.attacks import ATTACKS, num_attackers
 
+ROUND_DRIVERS: tuple[str, ...] = ("autofednlp",)  # methods that run their own rounds
+
 
 class ConfigError(ValueError):
     """A configuration problem, said in one line that names the key."""
@@ -78,6 +80,69 @@ class AttackSettings(_Strict):
         description="sign_flip / scale: update multiplier (1 / 10); noise: std (1); "
         "null: the default in brackets",
     )
+
+
+class FaultSettings(_Strict):
+    """Simulated faults in the embedded engine (fedpeft/faults.py); all off by default."""
+
+    crash_prob: float = Field(
+        0.0, ge=0, le=1, description="chance a sampled client crashes after its download"
+    )
+    straggler_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of clients (drawn once) that are stragglers"
+    )
+    straggler_factor: float = Field(
+        1.0, ge=1, description="a straggler's simulated time is multiplied by this"
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, description="simulated seconds a round waits; later clients are dropped"
+    )
+    min_clients: int = Field(
+        0, ge=0, description="usable updates a round needs, else it is retried (0: no minimum)"
+    )
+    retries: int = Field(
+        2, ge=0, description="retries with a fresh sample before the run stops (min_clients)"
+    )
+
+    def enabled(self) -> bool:
+        return bool(
+            self.crash_prob
+            or (self.straggler_fraction and self.straggler_factor != 1)
+            or self.deadline_s
+            or self.min_clients
+        )
+
+
+class DPSettings(_Strict):
+    """Client-level differential privacy, DP-FedAvg (fedpeft/algorithms/dp.py).
+
+    Off while ``noise_multiplier`` is null. Each client's update is clipped to ``clip_norm``, the
+    server averages the clipped updates with uniform weights and adds Gaussian noise of std
+    noise_multiplier x clip_norm / (updates averaged); an RDP accountant reports epsilon.
+    """
+
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="noise std over clip_norm (null: DP off)"
+    )
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update")
+    adaptive: bool = Field(
+        False, description="adapt clip_norm to a quantile of update norms (Andrew et al. 2021)"
+    )
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: quantile to track")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: geometric learning rate of clip_norm")
+    count_noise: float | None = Field(
+        None,
+        gt=0,
+        description="adaptive: std of the noise on the count of unclipped updates "
+        "(default clients_per_round / 20); must exceed noise_multiplier / 2",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of (epsilon, delta)-DP")
+    max_epsilon: float | None = Field(
+        None, gt=0, description="stop before a round that would exceed this epsilon"
+    )
+
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None
 
 
 class CostSettings(_Strict):
@@ -204,6 +269,8 @@ class _RunConfigBase(_Strict):
     fedopt: FedOptSettings = Field(default_factory=FedOptSettings)
     robust: RobustSettings = Field(default_factory=RobustSettings)
     attack: AttackSettings = Field(default_factory=AttackSettings)
+    faults: FaultSettings = Field(default_factory=FaultSettings)
+    dp: DPSettings = Field(default_factory=DPSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     activation_cache: ActivationCacheSettings = Field(default_factory=ActivationCacheSettings)
@@ -267,6 +334,47 @@ class _RunConfigBase(_Strict):
             raise ValueError(
                 f"attack.fraction: {attack.fraction} of {self.num_clients} clients selects no "
                 "attacker"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _faults_and_dp(self) -> _RunConfigBase:
+        faults, dp = self.faults, self.dp
+        if faults.enabled():
+            if self.engine != "embedded":
+                raise ValueError(f"faults: engine {self.engine} does not simulate faults yet")
+            if self.method in ROUND_DRIVERS:
+                raise ValueError(f"faults: method {self.method} runs its own rounds; no faults")
+            if faults.min_clients > self.clients_per_round:
+                raise ValueError(
+                    f"faults.min_clients: {faults.min_clients} is more than clients_per_round "
+                    f"({self.clients_per_round})"
+                )
+        if not dp.enabled():
+            return self
+        if self.engine != "embedded":
+            raise ValueError(f"dp: engine {self.engine} does not run DP-FedAvg yet")
+        if registry.methods()[self.method].system is not None:
+            raise ValueError(
+                f"dp: method {self.method} aggregates its own way; DP-FedAvg needs a plain PEFT "
+                "method (lora, adapter, prefix, prompt, bitfit, full)"
+            )
+        if self.algorithm not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"dp: algorithm {self.algorithm} does not compose with DP-FedAvg's noised mean "
+                "(use fedavg or fedprox)"
+            )
+        if self.robust.clip_norm is not None:
+            raise ValueError("robust.clip_norm: dp clips updates itself (dp.clip_norm)")
+        if self.quantize != "none":
+            raise ValueError(
+                "quantize: int8 codes are not clipped and noised by DP-FedAvg; set quantize: none"
+            )
+        count_noise = dp.count_noise or self.clients_per_round / 20
+        if dp.adaptive and dp.noise_multiplier and 2 * count_noise <= dp.noise_multiplier:
+            raise ValueError(
+                f"dp.count_noise: adaptive clipping needs 2 x count noise ({count_noise:g}) > "
+                f"noise_multiplier ({dp.noise_multiplier:g}); raise dp.count_noise"
             )
         return self
 

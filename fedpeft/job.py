@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft import attacks, cost, peft, registry
+from fedpeft import attacks, cost, faults, peft, registry
 from fedpeft.algorithms import ServerAlgorithm, make_algorithm
+from fedpeft.algorithms.dp import DPPlan
 from fedpeft.cache import ActivationCache
 from fedpeft.client import LocalTraining
 from fedpeft.config import RunConfig
@@ -46,6 +47,8 @@ class Job:
     test_groups: np.ndarray | None = None  # natural partitions: each test row's group
     caches: dict[str, ActivationCache] = field(default_factory=dict)  # split -> activation cache
     attack: attacks.AttackPlan | None = None  # simulated attackers (embedded engine)
+    faults: faults.FaultPlan | None = None  # simulated crashes, stragglers, deadline (embedded)
+    dp: DPPlan | None = None  # DP-FedAvg (embedded engine)
 
 
 def default_validation_size(train_rows: int) -> int:
@@ -100,6 +103,40 @@ def build_algorithm(config: RunConfig) -> ServerAlgorithm:
         clip_norm=config.robust.clip_norm,
         num_byzantine=config.robust.num_byzantine,
         multi_krum_m=config.robust.multi_krum_m,
+    )
+
+
+def build_faults(config: RunConfig) -> faults.FaultPlan | None:
+    settings = config.faults
+    if not settings.enabled():
+        return None
+    return faults.plan_faults(
+        config.seed,
+        config.num_clients,
+        crash_prob=settings.crash_prob,
+        straggler_fraction=settings.straggler_fraction,
+        straggler_factor=settings.straggler_factor,
+        deadline_s=settings.deadline_s,
+        min_clients=settings.min_clients,
+        retries=settings.retries,
+    )
+
+
+def build_dp(config: RunConfig) -> DPPlan | None:
+    settings = config.dp
+    if not settings.enabled():
+        return None
+    return DPPlan(
+        noise_multiplier=settings.noise_multiplier,
+        clip_norm=settings.clip_norm,
+        adaptive=settings.adaptive,
+        target_quantile=settings.target_quantile,
+        clip_lr=settings.clip_lr,
+        count_noise=settings.count_noise or config.clients_per_round / 20,
+        delta=settings.delta,
+        max_epsilon=settings.max_epsilon,
+        sampling_rate=config.clients_per_round / config.num_clients,
+        seed=config.seed,
     )
 
 
@@ -233,4 +270,6 @@ def build_job(config: RunConfig) -> Job:
             config.seed,
             config.attack.scale,
         ),
+        faults=build_faults(config),
+        dp=build_dp(config),
     )

@@ -11,11 +11,13 @@ skeleton (``engine/run.py``) is shared with the Flower engine.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Any
 
-from fedpeft import attacks, cost, payload, quantize
+from fedpeft import attacks, cost, faults, payload, quantize
+from fedpeft.algorithms import dp
 from fedpeft.client import Evaluation
 from fedpeft.engine.run import (
     ProgressHook,
@@ -37,6 +39,8 @@ from fedpeft.methods.base import ClientFit, ClientRunner, ClientUpdate, RoundDri
 from fedpeft.peft.base import State, load_trainable_state
 from fedpeft.runs import RunDir, write_json
 
+log = logging.getLogger("fedpeft.engine")
+
 __all__ = ["EmbeddedEngine", "client_seed", "encode_upload", "sample_clients"]
 
 
@@ -54,10 +58,16 @@ class EmbeddedEngine:
         self.method = job.method
         self.on_event = on_event or (lambda _kind, _info: None)
         self.state: RunState | None = None
+        self.dp_clip_norm = job.dp.clip_norm if job.dp is not None else None
 
     # -- one client -------------------------------------------------------------------------
     def _client_round(
-        self, rnd: int, cid: int, global_state: State, stream: tuple[int, ...] = ()
+        self,
+        rnd: int,
+        cid: int,
+        global_state: State,
+        stream: tuple[int, ...] = (),
+        crashed: bool = False,
     ) -> ClientFit:
         job, method, config = self.job, self.method, self.config
         started = time.perf_counter()
@@ -72,6 +82,10 @@ class EmbeddedEngine:
         else:
             down_blob = payload.encode(down)
             received = payload.decode(down_blob)
+        if crashed:  # a simulated crash after the download: nothing trained, nothing sent
+            _device, network = job.profiles[cid]
+            seconds = cost.comm_time_s(0, len(down_blob), network)
+            return ClientFit(None, 0, len(down_blob), seconds, time.perf_counter() - started)
         plan = job.attack  # a simulated attacker poisons its labels or its upload
         attacking = plan is not None and cid in plan.attackers
         if plan is not None and not (self.run_dir.path / "attackers.json").is_file():
@@ -109,21 +123,84 @@ class EmbeddedEngine:
 
     # -- one round ------------------------------------------------------------------------------
     def _round(self, rnd: int, global_state: State) -> tuple[State, RoundReport]:
-        config = self.config
+        config, plan = self.config, self.job.faults
         if isinstance(self.method, RoundDriver):  # the method drives its own round (AutoFedNLP)
             return self.method.run_round(rnd, global_state, _Runner(self))
-        clients = sample_clients(config.seed, rnd, config.num_clients, config.clients_per_round)
-        report = RoundReport(rnd, clients, train_loss=0.0)
+        report = RoundReport(rnd, [], train_loss=0.0)
+        if plan is not None:
+            report.extra.update(clients_dropped=[], stragglers_in_round=[])
+        attempts = 1 + (plan.retries if plan is not None and plan.min_clients else 0)
+        for attempt in range(attempts):
+            if attempt == 0:
+                clients = sample_clients(
+                    config.seed, rnd, config.num_clients, config.clients_per_round
+                )
+            else:
+                clients = plan.sample(rnd, attempt, config.num_clients, config.clients_per_round)
+            updates = self._attempt(rnd, attempt, clients, global_state, report)
+            if plan is None or len(updates) >= plan.min_clients:
+                break
+            log.warning(
+                "round %d: %d usable update(s), faults.min_clients is %d",
+                rnd,
+                len(updates),
+                plan.min_clients,
+            )
+        else:
+            raise faults.RoundFailed(
+                f"round {rnd}: fewer than faults.min_clients ({plan.min_clients}) usable updates "
+                f"after {attempts} attempt(s); rounds 1-{rnd - 1} are saved in "
+                f"{self.run_dir.path} (fedpeft run --resume continues them)"
+            )
+        report.clients = clients
+        if plan is not None:
+            report.extra["attempts"] = attempt + 1
         if self.job.attack is not None:
             attackers = set(self.job.attack.attackers)
             report.extra["attackers_in_round"] = [c for c in clients if c in attackers]
-        updates = []
+        report.train_loss = weighted_train_loss(updates)
+        if not updates:  # every upload was rejected: the round goes on, the model stays
+            return global_state, report
+        if self.job.dp is not None:
+            return self._dp_aggregate(rnd, global_state, updates, report), report
+        return self.method.aggregate(rnd, global_state, updates), report
+
+    def _attempt(
+        self,
+        rnd: int,
+        attempt: int,
+        clients: list[int],
+        global_state: State,
+        report: RoundReport,
+    ) -> list[ClientUpdate]:
+        """One sample of clients trained and checked: their usable updates. Bytes and simulated
+        time go into ``report``; a retry's time adds to the round's."""
+        plan = self.job.faults
+        updates, times = [], []
         for i, cid in enumerate(clients):
-            fit = self._client_round(rnd, cid, global_state)
+            crashed = plan is not None and plan.crashed(rnd, cid, attempt)
+            fit = self._client_round(rnd, cid, global_state, crashed=crashed)
             report.bytes_up += fit.bytes_up
             report.bytes_down += fit.bytes_down
-            report.client_sim_s.append(fit.sim_time_s)
             report.train_wall_s += fit.wall_s
+            seconds = fit.sim_time_s
+            if plan is not None:
+                seconds = plan.client_time_s(cid, seconds)
+                if cid in plan.stragglers:
+                    report.extra["stragglers_in_round"].append(cid)
+            times.append(seconds)
+            report.client_sim_s.append(seconds)
+            dropped = "crashed" if crashed else None
+            if plan is not None and not crashed and plan.late(seconds):
+                dropped = f"deadline ({seconds:.1f} s > {plan.deadline_s:g} s)"
+            if dropped is not None:
+                log.warning("round %d: client %d dropped: %s", rnd, cid, dropped)
+                entry = {"cid": cid, "reason": dropped.split(" ")[0], "attempt": attempt}
+                if dropped != "crashed":
+                    entry["detail"] = dropped
+                report.extra["clients_dropped"].append(entry)
+                self.on_event("dropped", {"round": rnd, "cid": cid, "reason": dropped})
+                continue
             if fit.update is None:
                 reject(report, cid, fit.rejected or "rejected", self.on_event)
                 continue
@@ -137,24 +214,72 @@ class EmbeddedEngine:
                     "loss": fit.update.result.mean_loss,
                 },
             )
-        report.train_loss = weighted_train_loss(updates)
-        report.sim_time_s = cost.round_time_s(report.client_sim_s)
-        if not updates:  # every upload was rejected: the round goes on, the model stays
-            return global_state, report
-        return self.method.aggregate(rnd, global_state, updates), report
+        seconds = cost.round_time_s(times)
+        report.sim_time_s += plan.round_time_s(seconds) if plan is not None else seconds
+        return updates
+
+    def _dp_aggregate(
+        self, rnd: int, global_state: State, updates: list[ClientUpdate], report: RoundReport
+    ) -> State:
+        """DP-FedAvg (``fedpeft/algorithms/dp.py``) in place of the method's aggregation."""
+        plan = self.job.dp
+        new_state, done = dp.dp_fedavg(
+            global_state,
+            [u.state for u in updates],
+            clip_norm=self.dp_clip_norm,
+            noise_multiplier=plan.noise_multiplier,
+            generator=dp.round_generator(plan.seed, rnd),
+            adaptive=plan.adaptive,
+            target_quantile=plan.target_quantile,
+            clip_lr=plan.clip_lr,
+            count_std=plan.count_noise,
+        )
+        self.dp_clip_norm = done.next_clip_norm
+        report.extra.update(
+            epsilon=plan.epsilon_after(rnd),
+            dp_delta=plan.delta,
+            dp_clip_norm=done.clip_norm,
+            dp_noise_std=done.noise_std,
+            dp_clipped_fraction=done.clipped_fraction,
+            dp_clip_norm_next=done.next_clip_norm,
+        )
+        return new_state
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         job, run_dir = self.job, self.run_dir
         self.state = state = start_run(job, run_dir, self.on_event)
         self._load(state.global_state)
+        stopped = None
+        if job.dp is not None:  # the adaptive clip norm lives in the metrics rows
+            last = state.history[-1] if state.history else {}
+            self.dp_clip_norm = last.get("dp_clip_norm_next", job.dp.clip_norm)
         for rnd in range(state.done + 1, self.config.rounds + 1):
+            stopped = self._privacy_spent(rnd)
+            if stopped is not None:
+                break
             started = time.perf_counter()
             self.on_event("round_start", {"round": rnd})
             state.global_state, report = self._round(rnd, state.global_state)
             self._load(state.global_state)
             finish_round(job, run_dir, state, report, started, self.on_event)
-        return finish_run(job, run_dir, state)
+        return finish_run(job, run_dir, state, stopped)
+
+    def _privacy_spent(self, rnd: int) -> str | None:
+        """Why round ``rnd`` must not run (it would exceed dp.max_epsilon), else None."""
+        plan = self.job.dp
+        if plan is None or plan.max_epsilon is None:
+            return None
+        after = plan.epsilon_after(rnd)
+        if after <= plan.max_epsilon:
+            return None
+        text = (
+            f"stopped before round {rnd}: epsilon would reach {after:.3g} > dp.max_epsilon "
+            f"{plan.max_epsilon:g} (delta {plan.delta:g})"
+        )
+        log.warning(text)
+        self.on_event("note", {"text": text})
+        return text
 
     def _load(self, state: State) -> None:
         """Load a global state into the resident model, reshaped first if the method reshapes it."""

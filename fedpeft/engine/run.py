@@ -416,7 +416,7 @@ def finish_round(
     if "trial" in row:  # methods that search configurations record every trial
         trials = [r["trial"] for r in history if "trial" in r]
         write_text(run_dir.path / "trials.jsonl", "".join(json.dumps(t) + "\n" for t in trials))
-    run_dir.write_summary(summarise(job.config, history, *_param_counts(job)))
+    run_dir.write_summary(summarise(job.config, history, *_param_counts(job), _privacy(history)))
     on_event("round_end", row)
     return row
 
@@ -425,13 +425,26 @@ def _param_counts(job: Job) -> tuple[int, int]:
     return count_trainable(job.model), sum(p.numel() for p in job.model.parameters())
 
 
-def finish_run(job: Job, run_dir: RunDir, state: RunState) -> dict[str, Any]:
-    """The final summary (with personalised scores when asked) and the final weights."""
+def _privacy(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The (epsilon, delta) a DP run has spent so far, for the summary."""
+    last = history[-1] if history else {}
+    if "epsilon" not in last:
+        return {}
+    return {"epsilon": last["epsilon"], "dp_delta": last["dp_delta"]}
+
+
+def finish_run(
+    job: Job, run_dir: RunDir, state: RunState, stopped: str | None = None
+) -> dict[str, Any]:
+    """The final summary (with personalised scores when asked) and the final weights;
+    ``stopped`` says why a run ended before its last round (e.g. its privacy budget)."""
     load_trainable_state(job.model, state.global_state)
     counts = _param_counts(job)
-    extra = {}
+    extra = _privacy(state.history)
+    if stopped is not None:
+        extra["stopped"] = stopped
     if job.config.personalized_eval:
-        extra = personalized_scores(job, state.global_state, state.store)
+        extra.update(personalized_scores(job, state.global_state, state.store))
     summary = summarise(job.config, state.history, *counts, extra)
     run_dir.write_summary(summary)
     write_safetensors(run_dir.weights_path, state.global_state)
