@@ -486,12 +486,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _printable(text: str) -> str:
+    """``text`` on one printable line: control characters (a newline in a key, say) and lone
+    surrogates are shown escaped, as Python writes them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    merged = _merge(data, parse_overrides(overrides or []))
     try:
+        merged = _merge(data, parse_overrides(overrides or []))
         return RunConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_error_line(err)) from err
+        raise ConfigError(_printable(_error_line(err))) from err
+    except ConfigError as err:
+        raise ConfigError(_printable(str(err))) from err
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -234,7 +234,8 @@ def _read_csv(path: Path) -> _RawSplit:
     missing = [name for name in _REQUIRED_COLUMNS if name not in columns]
     if missing:
         raise DataError(
-            f"{path}: no '{missing[0]}' column in the header (columns: {', '.join(columns)})"
+            f"{path}: no '{missing[0]}' column in the header "
+            f"(columns: {_printable(', '.join(columns))})"
         )
     # Line numbers count the header as line 1; values stay strings until labels are mapped.
     rows = [(reader.line_num, dict(row)) for row in reader]
@@ -242,6 +243,11 @@ def _read_csv(path: Path) -> _RawSplit:
     if all(_is_int_string(label) for label in raw.raw_labels):
         raw.raw_labels = [int(label) for label in raw.raw_labels]
     return raw
+
+
+def _printable(text: str) -> str:
+    """User text for a one-line message: control characters and lone surrogates escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _is_int_string(value: object) -> bool:
@@ -332,7 +338,10 @@ def _named_label_index(label: int | str, label_names: list[str], path: str, line
         raise DataError(f"{path}:{line}: label {label} out of range 0..{len(label_names) - 1}")
     if label in label_names:
         return label_names.index(label)
-    raise DataError(f"{path}:{line}: unknown label '{label}' (known: {', '.join(label_names)})")
+    raise DataError(
+        f"{path}:{line}: unknown label '{_printable(label)}' "
+        f"(known: {_printable(', '.join(label_names))})"
+    )
 
 
 def _holdout(train: TextDataset, path: str) -> tuple[TextDataset, TextDataset]:
