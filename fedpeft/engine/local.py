@@ -149,8 +149,8 @@ class EmbeddedEngine:
         else:
             raise faults.RoundFailed(
                 f"round {rnd}: fewer than faults.min_clients ({plan.min_clients}) usable updates "
-                f"after {attempts} attempt(s); rounds 1-{rnd - 1} are saved in "
-                f"{self.run_dir.path} (fedpeft run --resume continues them)"
+                f"after {attempts} attempt(s); the run stops, its {rnd - 1} finished round(s) "
+                f"kept in {self.run_dir.path}"
             )
         report.clients = clients
         if plan is not None:
@@ -159,6 +159,8 @@ class EmbeddedEngine:
             attackers = set(self.job.attack.attackers)
             report.extra["attackers_in_round"] = [c for c in clients if c in attackers]
         report.train_loss = weighted_train_loss(updates)
+        if self.job.dp is not None:  # counted whether or not the round releases anything
+            report.extra.update(epsilon=self.job.dp.epsilon_after(rnd), dp_delta=self.job.dp.delta)
         if not updates:  # every upload was rejected: the round goes on, the model stays
             return global_state, report
         if self.job.dp is not None:
@@ -236,8 +238,6 @@ class EmbeddedEngine:
         )
         self.dp_clip_norm = done.next_clip_norm
         report.extra.update(
-            epsilon=plan.epsilon_after(rnd),
-            dp_delta=plan.delta,
             dp_clip_norm=done.clip_norm,
             dp_noise_std=done.noise_std,
             dp_clipped_fraction=done.clipped_fraction,
