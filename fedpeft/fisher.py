@@ -25,6 +25,8 @@ formula we could use); docs/fibecfed.md collects them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -144,7 +146,31 @@ def fisher_pass(
             )
             for n, s in squared.items():
                 diagonal[n] += s.sum(dim=0)
+    release_freed_memory()
     return FisherPass(scores, {n: d / len(rows) for n, d in diagonal.items()})
+
+
+def _libc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc only; a no-op elsewhere).
+
+    The vectorised per-row pass allocates many short-lived tensors of varying shapes (rows of
+    different lengths); glibc keeps the freed blocks, and a client process's resident memory
+    grew by ~0.8 GB per scored client on MiniLM (to ~11 GB in a 10-round study cell). Trimming
+    after each pass keeps it at ~1.2 GB. Memory use, not results, is what this changes.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def layer_sensitivity(
