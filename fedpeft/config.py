@@ -17,8 +17,6 @@ from fedpeft import registry
 from fedpeft.algorithms import ALGORITHMS, KRUM_KINDS, check_clients
 from fedpeft.attacks import ATTACKS, num_attackers
 
-ROUND_DRIVERS: tuple[str, ...] = ("autofednlp",)  # methods that run their own rounds
-
 
 class ConfigError(ValueError):
     """A configuration problem, said in one line that names the key."""
@@ -343,7 +341,7 @@ class _RunConfigBase(_Strict):
         if faults.enabled():
             if self.engine != "embedded":
                 raise ValueError(f"faults: engine {self.engine} does not simulate faults yet")
-            if self.method in ROUND_DRIVERS:
+            if registry.get(self.method).drives_rounds:
                 raise ValueError(f"faults: method {self.method} runs its own rounds; no faults")
             if faults.min_clients > self.clients_per_round:
                 raise ValueError(

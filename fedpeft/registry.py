@@ -50,6 +50,8 @@ class MethodSpec:
     system: Callable[[RunConfig, SystemInfo], FederatedMethod] | None = None
     check: Callable[[RunConfig], None] | None = None
     engines: tuple[str, ...] = ("embedded", "flower")
+    drives_rounds: bool = False  # its system is a RoundDriver: engine-level round options
+    # (faults) do not apply to it
     # tokens a method adds to every sequence / every attention layer's keys (cost model)
     extra_tokens: Callable[[Any], int] | None = None
     extra_kv: Callable[[Any], int] | None = None

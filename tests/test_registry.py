@@ -40,3 +40,17 @@ def test_each_method_is_documented_and_configurable(name):
 def test_unknown_names_list_the_choices():
     with pytest.raises(KeyError, match="choose from"):
         registry.get("nope")
+
+
+def test_round_driving_methods_are_declared_by_their_spec():
+    from fedpeft.job import build_method
+    from fedpeft.methods.base import RoundDriver
+
+    for name, spec in registry.methods().items():
+        if spec.system is None:
+            continue
+        config = build_config(
+            {"method": name, "num_clients": 30, "clients_per_round": 5, "personalized_eval": True}
+        )
+        method = build_method(config, num_layers=2, num_labels=4)
+        assert isinstance(method, RoundDriver) == spec.drives_rounds, name

@@ -272,4 +272,5 @@ SPEC = MethodSpec(
     ),
     check=_check,
     engines=("embedded",),
+    drives_rounds=True,
 )
