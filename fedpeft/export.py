@@ -288,6 +288,7 @@ class FedpeftBertForSequenceClassification(BertForSequenceClassification):
 def modeling_source() -> str:
     """The modeling file: fedpeft's own pooler and adapter classes, plus the config and model."""
     from fedpeft.models import MaskedMeanPooler
+    from fedpeft.models.pooling import text_mask
     from fedpeft.peft.adapter import AdaptedLinear, Bottleneck
 
     header = (
@@ -301,7 +302,8 @@ def modeling_source() -> str:
         "from transformers import BertConfig, BertForSequenceClassification\n\n"
         '_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}\n'
     )
-    classes = [inspect.getsource(cls) for cls in (MaskedMeanPooler, Bottleneck, AdaptedLinear)]
+    parts = (text_mask, MaskedMeanPooler, Bottleneck, AdaptedLinear)
+    classes = [inspect.getsource(part) for part in parts]
     return header + "".join("\n\n" + source for source in classes) + _MODEL_SOURCE
 
 

@@ -341,7 +341,7 @@ def start_run(job: Job, run_dir: RunDir, on_event: ProgressHook) -> RunState:
     job.method.load_state_dict(ckpt.method_state)
     state.store.load_state_dict(ckpt.extra.get("store", {}))
     for split, cache_state in ckpt.extra.get("caches", {}).items():
-        if split in job.caches and hasattr(job.caches[split], "load_state_dict"):
+        if split in job.caches:
             job.caches[split].load_state_dict(cache_state, job.model)
     set_rng_state(ckpt.rng)
     vals = [row["val_accuracy"] for row in state.history if row.get("val_accuracy") is not None]
@@ -371,11 +371,7 @@ def metrics_row(report: RoundReport, history: list[dict[str, Any]]) -> dict[str,
 
 
 def _checkpoint_extra(job: Job, state: RunState) -> dict[str, Any]:
-    caches = {
-        split: cache.state_dict()
-        for split, cache in job.caches.items()
-        if hasattr(cache, "state_dict")
-    }
+    caches = {split: cache.state_dict() for split, cache in job.caches.items()}
     return {"store": state.store.state_dict(), "caches": caches}
 
 

@@ -26,6 +26,17 @@ POOLINGS = ("mean", "cls", "last")
 ATTACHED = "token_pooler"  # the backbone attribute holding an attached pooler
 
 
+def text_mask(mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """The ``[B, T]`` mask of the text positions of ``hidden_states``, or None when the mask
+    handed over does not describe them. Under prefix-tuning peft prepends the prefix keys'
+    columns, so the text's are the last ones."""
+    if mask is None or mask.dim() != 2:
+        return None
+    if mask.shape[1] > hidden_states.shape[1]:
+        mask = mask[:, -hidden_states.shape[1] :]
+    return mask if mask.shape == hidden_states.shape[:2] else None
+
+
 class MaskedMeanPooler(nn.Module):
     """Mean of the last hidden states over real tokens; stands in for BertPooler.
 
@@ -40,10 +51,8 @@ class MaskedMeanPooler(nn.Module):
         self.mask: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
-        if mask is not None and mask.dim() == 2 and mask.shape[1] > hidden_states.shape[1]:
-            mask = mask[:, -hidden_states.shape[1] :]
-        if mask is None or mask.shape[:2] != hidden_states.shape[:2]:
+        mask = text_mask(self.mask, hidden_states)
+        if mask is None:
             return hidden_states.mean(dim=1)
         weights = mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
@@ -58,10 +67,8 @@ class LastTokenPooler(nn.Module):
         self.mask: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
-        if mask is not None and mask.dim() == 2 and mask.shape[1] > hidden_states.shape[1]:
-            mask = mask[:, -hidden_states.shape[1] :]
-        if mask is None or mask.dim() != 2 or mask.shape[:2] != hidden_states.shape[:2]:
+        mask = text_mask(self.mask, hidden_states)
+        if mask is None:
             return hidden_states[:, -1]
         positions = torch.arange(mask.shape[1], device=mask.device)
         last = (positions * (mask != 0)).argmax(dim=1, keepdim=True)  # [B, 1]
