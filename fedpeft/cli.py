@@ -103,6 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("fedpeft run needs a CONFIG file (or --resume DIR)")
         config = load_config(args.config, args.set)
         run_dir = None
+    if config.engine == "flower":  # what this machine cannot run, before any folder is written
+        from fedpeft.engine.flower import check_supported
+
+        check_supported(config)
     from fedpeft.job import build_job
 
     job = build_job(config)
@@ -358,6 +362,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flower_config(args: argparse.Namespace):
+    """The config of a deployed run: ``engine: flower`` whatever the file says, so it is
+    validated (and recorded) as a Flower run."""
+    from fedpeft.config import load_config
+    from fedpeft.engine.flower import check_supported
+
+    config = load_config(args.config, [*(args.set or []), "engine=flower"])
+    check_supported(config, simulation=False)
+    return config
+
+
 def _flower_run(config, out: str | None):
     """A new run folder for a deployed run, once its job builds (data and model are there)."""
     from fedpeft.config import dump_config
@@ -374,10 +389,9 @@ def _flower_run(config, out: str | None):
 
 def cmd_flower_prepare(args: argparse.Namespace) -> int:
     """Write the Flower app for a deployment and print the commands that run it."""
-    from fedpeft.config import load_config
     from fedpeft.engine.flower_deploy import deployment_commands, read_credentials, write_app
 
-    config = load_config(args.config, args.set)
+    config = _flower_config(args)
     creds = None if config.flower.insecure else read_credentials(Path(args.certs))
     run_dir = _flower_run(config, args.out)
     app_dir = Path(args.app or f"{run_dir.path}-flower-app")
@@ -403,7 +417,7 @@ def cmd_flower_certs(args: argparse.Namespace) -> int:
 
 def cmd_flower_local(args: argparse.Namespace) -> int:
     """The run as a real deployment on this machine: a SuperLink and SuperNode processes."""
-    from fedpeft.config import load_config
+    from fedpeft.config import ConfigError
     from fedpeft.engine.flower_deploy import (
         FlowerError,
         LocalFederation,
@@ -411,7 +425,14 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
         write_app,
     )
 
-    config = load_config(args.config, args.set)
+    config = _flower_config(args)
+    if args.nodes < 1:
+        raise ConfigError(f"--nodes: {args.nodes}; a federation needs at least 1 SuperNode")
+    if config.flower.min_nodes > args.nodes:
+        raise ConfigError(
+            f"flower.min_nodes: the run waits for {config.flower.min_nodes} SuperNodes, but "
+            f"--nodes starts {args.nodes}"
+        )
     run_dir = _flower_run(config, args.out)
     work = Path(f"{run_dir.path}-flower")
     app = write_app(work / "app", config, run_dir.path)

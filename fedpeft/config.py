@@ -191,6 +191,13 @@ class FlowerSettings(_Strict):
         False, description="deployment without TLS and node authentication (loopback tests only)"
     )
 
+    @model_validator(mode="after")
+    def _address(self) -> FlowerSettings:
+        host, _, port = self.superlink.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"flower.superlink: '{self.superlink}' is not host:port")
+        return self
+
 
 class _RunConfigBase(_Strict):
     """Everything one federated run needs. Top-level names are stable for scripts.

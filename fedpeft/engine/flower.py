@@ -70,14 +70,26 @@ CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML (deployme
 RUN_DIR_KEY = "run-dir"  # run-config key holding the run folder's path on the SuperLink host
 
 
-def check_supported(config: RunConfig) -> None:
-    """Refuse what the Flower engine does not run yet, in one line."""
+def check_supported(config: RunConfig, simulation: bool = True) -> None:
+    """Refuse, in one line, a config the Flower engine cannot run on this machine: called before
+    any run folder is written. (What no machine could run, e.g. a method without Flower support,
+    is refused by the config itself.) ``simulation``: the resources of Flower's simulation."""
     from fedpeft import registry
 
     if "flower" not in registry.get(config.method).engines:
         raise ConfigError(f"engine: flower does not run {config.method} yet (use engine: embedded)")
     if getattr(config, "quantize", "none") != "none":
         raise ConfigError("engine: flower sends float tensors; set quantize: none")
+    if not simulation:
+        return
+    cores = os.cpu_count() or 1
+    if config.flower.num_cpus > cores:
+        raise ConfigError(
+            f"flower.num_cpus: {config.flower.num_cpus:g} cores per client, but this machine "
+            f"has {cores}"
+        )
+    if config.flower.num_gpus and not torch.cuda.is_available():
+        raise ConfigError("flower.num_gpus: no GPU is visible here; set flower.num_gpus=0")
 
 
 def to_state(record: ArrayRecord) -> State:

@@ -33,7 +33,7 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config_yaml = str(context.run_config[CONFIG_KEY])
     config = build_config(yaml.safe_load(config_yaml))
-    check_supported(config)
+    check_supported(config, simulation=False)
     path = Path(str(context.run_config[RUN_DIR_KEY]))
     if (path / "config.yaml").is_file():
         run_dir = RunDir.open(path)

@@ -48,7 +48,7 @@ def write_app(app_dir: Path, config: RunConfig, run_dir: Path, ca_cert: Path | N
     """A Flower app folder for this run: pyproject.toml naming fedpeft's ServerApp/ClientApp,
     with the run's YAML and run folder in its run config, plus the flwr CLI's connection to
     ``flower.superlink`` (trusting ``ca_cert``; without it, an insecure connection)."""
-    check_supported(config)
+    check_supported(config, simulation=False)
     app_dir.mkdir(parents=True, exist_ok=True)
     pyproject = {
         "project": {

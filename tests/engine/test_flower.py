@@ -136,3 +136,35 @@ def test_interrupted_simulation_resumes_to_the_uninterrupted_weights(tmp_path, t
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
     assert resumed["complete"] and resumed["bytes_up_total"] == reference["bytes_up_total"]
     assert resumed["final_accuracy"] == pytest.approx(reference["final_accuracy"])
+
+
+def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, toy_data, capsys):
+    """Every Flower entry point refuses such a config in one line and writes nothing."""
+    from fedpeft.cli import main
+
+    config = tmp_path / "job.yaml"  # an embedded-engine config: the flower commands make it flower
+    config.write_text(yaml.safe_dump(tiny_config(toy_data, flower={"insecure": True})))
+    cases = [
+        (["flower", "prepare", str(config), "--set", "quantize=int8"], "quantize"),
+        (["flower", "local", str(config), "--set", "quantize=int8"], "quantize"),
+        (["flower", "local", str(config), "--set", "flower.min_nodes=3"], "flower.min_nodes"),
+        (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
+        (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
+        (["run", str(config), "--set", "engine=flower", "--set", "method=c2a"], "engine: flower"),
+    ]
+    for i, (argv, words) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and words in error and error.count("\n") == 1, error
+        assert not out.exists() and not Path(f"{out}-flower").exists(), argv
+        assert not Path(f"{out}-flower-app").exists(), argv
+
+
+def test_a_deployed_run_records_engine_flower(tmp_path, toy_data):
+    from fedpeft.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(toy_data, flower={"insecure": True})))
+    assert main(["flower", "prepare", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["engine"] == "flower"
