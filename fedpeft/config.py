@@ -122,6 +122,11 @@ class DPSettings(_Strict):
     noise_multiplier: float | None = Field(
         None, ge=0, description="noise std over clip_norm (null: DP off)"
     )
+    mode: Literal["central", "local"] = Field(
+        "central",
+        description="central: the server noises the mean (DP-FedAvg); local: each client clips "
+        "and noises its own upload (std noise_multiplier x clip_norm), epsilon per client",
+    )
     clip_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update")
     adaptive: bool = Field(
         False, description="adapt clip_norm to a quantile of update norms (Andrew et al. 2021)"
@@ -364,6 +369,13 @@ class _RunConfigBase(_Strict):
                 f"dp: method {self.method} aggregates its own way; DP-FedAvg needs a plain PEFT "
                 "method (lora, adapter, prefix, prompt, bitfit, full)"
             )
+        if dp.mode == "local":  # the server only post-processes noised uploads: any rule goes
+            if dp.adaptive:
+                raise ValueError(
+                    "dp.adaptive: local DP clips with a fixed dp.clip_norm (adaptive clipping "
+                    "needs the server's view of every update norm)"
+                )
+            return self
         if self.algorithm not in ("fedavg", "fedprox"):
             raise ValueError(
                 f"dp: algorithm {self.algorithm} does not compose with DP-FedAvg's noised mean "

@@ -137,6 +137,7 @@ def build_dp(config: RunConfig) -> DPPlan | None:
         max_epsilon=settings.max_epsilon,
         sampling_rate=config.clients_per_round / config.num_clients,
         seed=config.seed,
+        mode=settings.mode,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -59,6 +60,7 @@ class EmbeddedEngine:
         self.on_event = on_event or (lambda _kind, _info: None)
         self.state: RunState | None = None
         self.dp_clip_norm = job.dp.clip_norm if job.dp is not None else None
+        self.dp_noised: list[tuple[int, bool]] = []  # local DP: (client, clipped) this round
 
     # -- one client -------------------------------------------------------------------------
     def _client_round(
@@ -94,6 +96,9 @@ class EmbeddedEngine:
         if attacking and plan.kind == "label_flip":
             trainer = replace(job, train=attacks.flip_labels(job.train, len(job.label_names)))
         work = train_client(trainer, rnd, cid, received, self.state.store.of(cid), stream)
+        if job.dp is not None and job.dp.local:  # the client randomises its own upload
+            work.sent, clipped = job.dp.randomize(received, work.sent, rnd, cid)
+            self.dp_noised.append((cid, clipped))
         if attacking and plan.kind in attacks.UPDATE_ATTACKS:
             work.sent = attacks.poison_update(plan, work.sent, received, rnd, cid, *stream)
         expected = expected_upload(job, rnd, cid, global_state)
@@ -127,6 +132,7 @@ class EmbeddedEngine:
         if isinstance(self.method, RoundDriver):  # the method drives its own round (AutoFedNLP)
             return self.method.run_round(rnd, global_state, _Runner(self))
         report = RoundReport(rnd, [], train_loss=0.0)
+        self.dp_noised = []
         if plan is not None:
             report.extra.update(clients_dropped=[], stragglers_in_round=[])
         attempts = 1 + (plan.retries if plan is not None and plan.min_clients else 0)
@@ -159,11 +165,13 @@ class EmbeddedEngine:
             attackers = set(self.job.attack.attackers)
             report.extra["attackers_in_round"] = [c for c in clients if c in attackers]
         report.train_loss = weighted_train_loss(updates)
-        if self.job.dp is not None:  # counted whether or not the round releases anything
+        if self.job.dp is not None and self.job.dp.local:
+            report.extra.update(self._local_dp_row())
+        elif self.job.dp is not None:  # counted whether or not the round releases anything
             report.extra.update(epsilon=self.job.dp.epsilon_after(rnd), dp_delta=self.job.dp.delta)
         if not updates:  # every upload was rejected: the round goes on, the model stays
             return global_state, report
-        if self.job.dp is not None:
+        if self.job.dp is not None and not self.job.dp.local:
             return self._dp_aggregate(rnd, global_state, updates, report), report
         return self.method.aggregate(rnd, global_state, updates), report
 
@@ -245,6 +253,26 @@ class EmbeddedEngine:
         )
         return new_state
 
+    def _local_uploads(self) -> Counter:
+        """Local DP: how many randomised uploads each client has sent in the finished rounds."""
+        rows = self.state.history
+        return Counter(cid for row in rows for cid in row.get("dp_noised_clients", []))
+
+    def _local_dp_row(self) -> dict:
+        """Local DP's fields of a metrics row: who sent a randomised upload this round (crashed
+        clients sent none; late and rejected ones did) and the worst client's epsilon."""
+        plan = self.job.dp
+        uploads = self._local_uploads() + Counter(cid for cid, _ in self.dp_noised)
+        clipped = [c for _, c in self.dp_noised]
+        return {
+            "epsilon": plan.local_epsilon_after(max(uploads.values(), default=0)),
+            "dp_delta": plan.delta,
+            "dp_mode": "local",
+            "dp_noised_clients": [cid for cid, _ in self.dp_noised],
+            "dp_noise_std": plan.noise_multiplier * plan.clip_norm,
+            "dp_clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
+        }
+
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         job, run_dir = self.job, self.run_dir
@@ -270,11 +298,15 @@ class EmbeddedEngine:
         plan = self.job.dp
         if plan is None or plan.max_epsilon is None:
             return None
-        after = plan.epsilon_after(rnd)
+        if plan.local:  # any client may be sampled: the one with most uploads could pass it
+            after = plan.local_epsilon_after(max(self._local_uploads().values(), default=0) + 1)
+            what = "a client's epsilon could reach"
+        else:
+            after, what = plan.epsilon_after(rnd), "epsilon would reach"
         if after <= plan.max_epsilon:
             return None
         text = (
-            f"stopped before round {rnd}: epsilon would reach {after:.3g} > dp.max_epsilon "
+            f"stopped before round {rnd}: {what} {after:.3g} > dp.max_epsilon "
             f"{plan.max_epsilon:g} (delta {plan.delta:g})"
         )
         log.warning(text)

@@ -426,7 +426,11 @@ def _privacy(history: list[dict[str, Any]]) -> dict[str, Any]:
     last = history[-1] if history else {}
     if "epsilon" not in last:
         return {}
-    return {"epsilon": last["epsilon"], "dp_delta": last["dp_delta"]}
+    return {
+        "epsilon": last["epsilon"],
+        "dp_delta": last["dp_delta"],
+        "dp_mode": last.get("dp_mode", "central"),
+    }
 
 
 def finish_run(

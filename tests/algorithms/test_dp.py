@@ -194,3 +194,125 @@ def test_a_resumed_adaptive_dp_run_equals_an_uninterrupted_one(tmp_path, toy_dat
     a = load_file(str(tmp_path / "whole" / "weights.safetensors"))
     b = load_file(str(tmp_path / "part" / "weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- local DP ------------------------------------------------------------------------------------
+def test_local_randomisation_without_noise_clips_the_update_and_keeps_the_rest():
+    received = {"w": torch.tensor([1.0, 1.0]), "step": torch.tensor(3)}
+    trained = {"w": torch.tensor([4.0, 5.0]), "step": torch.tensor(4), "own": torch.ones(2)}
+    upload, clipped = dp.randomize_upload(
+        received, trained, clip_norm=2.5, noise_multiplier=0.0, generator=dp.round_generator(0, 1)
+    )
+    assert clipped  # the update (3, 4) has norm 5
+    assert upload["w"].tolist() == pytest.approx([1.0 + 1.5, 1.0 + 2.0])
+    assert upload["step"].item() == 4 and torch.equal(upload["own"], trained["own"])
+    short = {"w": torch.tensor([1.3, 0.6]), "step": torch.tensor(4)}
+    kept, clipped = dp.randomize_upload(
+        received, short, clip_norm=2.5, noise_multiplier=0.0, generator=dp.round_generator(0, 1)
+    )
+    assert not clipped and kept["w"].tolist() == pytest.approx([1.3, 0.6])
+
+
+@pytest.mark.parametrize("norm", [0.1, 3.0, 1e4])
+def test_a_noiseless_local_upload_never_moves_further_than_the_clip_norm(norm):
+    g = torch.Generator().manual_seed(0)
+    received = {"a": torch.randn(50, generator=g), "b": torch.randn(3, 4, generator=g)}
+    direction = {k: torch.randn(t.shape, generator=g) for k, t in received.items()}
+    scale = norm / dp.global_norm({k: t.double() for k, t in direction.items()})
+    trained = {k: received[k] + scale * direction[k] for k in received}
+    upload, clipped = dp.randomize_upload(
+        received, trained, clip_norm=1.0, noise_multiplier=0.0, generator=dp.round_generator(0, 1)
+    )
+    moved = dp.global_norm(dp.update_of(received, upload))
+    assert moved == pytest.approx(min(norm, 1.0), rel=1e-5) and clipped == (norm > 1.0)
+
+
+def test_local_noise_has_std_z_times_c_per_coordinate_and_is_seeded_per_client_and_round():
+    received = {"w": torch.zeros(200_000, dtype=torch.float64)}
+    plan = dp.DPPlan(0.8, 0.5, False, 0.5, 0.2, 1.0, 1e-5, None, 0.5, 7, mode="local")
+    a, _ = plan.randomize(received, dict(received), 3, 1)
+    again, _ = plan.randomize(received, dict(received), 3, 1)
+    other_client, _ = plan.randomize(received, dict(received), 3, 2)
+    other_round, _ = plan.randomize(received, dict(received), 4, 1)
+    assert float(a["w"].std()) == pytest.approx(0.8 * 0.5, rel=0.01)
+    assert abs(float(a["w"].mean())) < 0.005
+    assert torch.equal(a["w"], again["w"])
+    assert not torch.equal(a["w"], other_client["w"]) and not torch.equal(a["w"], other_round["w"])
+    # uploads of different clients are independent: their mean has std z C / sqrt(2)
+    mean = (a["w"] + other_client["w"]) / 2
+    assert float(mean.std()) == pytest.approx(0.4 / math.sqrt(2), rel=0.01)
+
+
+@pytest.mark.parametrize("z, uploads", [(1.0, 1), (2.0, 5), (4.0, 30)])
+def test_local_epsilon_matches_an_independent_rdp_computation_at_half_the_multiplier(z, uploads):
+    got = dp.local_epsilon(z, uploads, 1e-5)
+    expected = _improved_rdp_epsilon(z / 2, uploads, 1e-5)  # sensitivity 2C: any two datasets
+    assert expected <= got + 1e-9
+    assert got == pytest.approx(expected, rel=0.02)
+    assert dp.local_epsilon(z, uploads + 1, 1e-5) > got
+    assert dp.local_epsilon(z, 0, 1e-5) == 0 and dp.local_epsilon(0.0, 1, 1e-5) == math.inf
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"dp": {"noise_multiplier": 1.0, "mode": "local", "adaptive": True}}, "^dp.adaptive: "),
+        ({"dp": {"noise_multiplier": 1.0, "mode": "locall"}}, "^dp.mode: "),
+        ({"dp": {"noise_multiplier": 1.0, "mode": "local"}, "engine": "flower"}, "engine flower"),
+        ({"dp": {"noise_multiplier": 1.0, "mode": "local"}, "method": "c2a"}, "c2a aggregates"),
+    ],
+)
+def test_local_dp_config_errors_are_one_line(toy_data, extra, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        build_config(tiny_config(toy_data, **extra))
+    assert "\n" not in str(err.value)
+
+
+def test_local_dp_composes_with_any_aggregation_rule(toy_data):
+    for algorithm in ("median", "trimmed_mean", "fedadam"):
+        dp_settings = {"noise_multiplier": 1.0, "mode": "local"}
+        config = build_config(tiny_config(toy_data, algorithm=algorithm, dp=dp_settings))
+        assert config.dp.mode == "local"
+
+
+def test_a_local_dp_run_accounts_each_clients_uploads(tmp_path, toy_data):
+    dp_settings = {"noise_multiplier": 2.0, "clip_norm": 0.5, "mode": "local", "delta": 1e-4}
+    config = build_config(tiny_config(toy_data, rounds=3, dp=dp_settings))
+    summary = EmbeddedEngine(
+        build_job(config), RunDir.create(tmp_path / "r", dump_config(config))
+    ).run()
+    rows = _metrics(tmp_path / "r")
+    uploads: dict[int, int] = {}
+    for row in rows:
+        assert row["dp_mode"] == "local" and row["dp_noised_clients"] == row["clients"]
+        assert row["dp_noise_std"] == pytest.approx(1.0)
+        for cid in row["clients"]:
+            uploads[cid] = uploads.get(cid, 0) + 1
+        worst = max(uploads.values())
+        assert row["epsilon"] == pytest.approx(_improved_rdp_epsilon(1.0, worst, 1e-4), rel=0.02)
+    assert summary["epsilon"] == rows[-1]["epsilon"] and summary["dp_mode"] == "local"
+    assert "dp_clip_norm" not in rows[0]  # the server does not clip or noise
+
+
+def test_local_clipping_bounds_how_far_one_noiseless_round_moves_the_model(tmp_path, toy_data):
+    dp_settings = {"noise_multiplier": 0.0, "clip_norm": 1e-3, "mode": "local"}
+    config = build_config(tiny_config(toy_data, rounds=1, dp=dp_settings))
+    job = build_job(config)
+    start = {k: t.clone() for k, t in job.initial_state.items()}
+    EmbeddedEngine(job, RunDir.create(tmp_path / "r", dump_config(config))).run()
+    final = load_file(str(tmp_path / "r" / "weights.safetensors"))
+    moved = dp.global_norm(dp.update_of({k: start[k] for k in final}, final))
+    assert 0 < moved <= 1e-3 * (1 + 1e-4)  # a weighted mean of updates clipped to 1e-3
+
+
+def test_a_local_dp_run_stops_before_a_client_could_pass_max_epsilon(tmp_path, toy_data):
+    # 4 clients, 2 per round: after round 1 some client has one upload; a second could pass
+    budget = (dp.local_epsilon(2.0, 1, 1e-5) + dp.local_epsilon(2.0, 2, 1e-5)) / 2
+    dp_settings = {"noise_multiplier": 2.0, "mode": "local", "max_epsilon": budget}
+    config = build_config(tiny_config(toy_data, rounds=3, dp=dp_settings))
+    summary = EmbeddedEngine(
+        build_job(config), RunDir.create(tmp_path / "r", dump_config(config))
+    ).run()
+    assert [row["round"] for row in _metrics(tmp_path / "r")] == [1]
+    assert summary["stopped"].startswith("stopped before round 2: a client's epsilon could reach")
+    assert summary["epsilon"] <= budget
