@@ -373,6 +373,21 @@ def _flower_config(args: argparse.Namespace):
     return config
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """The membership-inference attack (fedpeft/privacy.py) on a finished run's weights."""
+    from fedpeft.privacy import measure_run
+
+    _quiet_loading()
+    result = measure_run(Path(args.run), args.weights, args.rows)
+    print(
+        f"membership inference (loss threshold) on the {result['mia_weights']} weights: attack "
+        f"AUC {result['mia_auc']:.3f} over {result['mia_rows']} member and {result['mia_rows']} "
+        f"non-member rows (mean loss {result['mia_member_loss']:.3f} vs "
+        f"{result['mia_nonmember_loss']:.3f}; 0.5 = nothing leaks) -> {Path(args.run) / 'privacy.json'}"
+    )
+    return 0
+
+
 def _flower_run(config, out: str | None):
     """A new run folder for a deployed run, once its job builds (data and model are there)."""
     from fedpeft.config import dump_config
@@ -541,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    priv = sub.add_parser(
+        "privacy", help="membership-inference attack AUC of a finished run's global model"
+    )
+    priv.add_argument("run", help="run folder")
+    priv.add_argument("--weights", choices=("best", "final"), help=weights_help)
+    priv.add_argument("--rows", type=int, default=200, help="member rows, and as many test rows")
+    priv.set_defaults(func=cmd_privacy)
 
     bench = sub.add_parser("bench", help="run a benchmark study (benchmarks/<study>.py)")
     bench.add_argument("study", choices=BENCH_STUDIES, help="which study")

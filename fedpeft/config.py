@@ -148,6 +148,14 @@ class DPSettings(_Strict):
         return self.noise_multiplier is not None
 
 
+class PrivacySettings(_Strict):
+    """Privacy leakage, measured (fedpeft/privacy.py): a loss-threshold membership-inference
+    attack on the published global model at the end of the run; its AUC goes to summary.json."""
+
+    membership_inference: bool = Field(False, description="measure the attack at the end")
+    rows: int = Field(200, ge=1, description="member rows (clients' training rows), as many test")
+
+
 class CostSettings(_Strict):
     """Simulated devices and networks; profiles are assigned to clients by seeded draw."""
 
@@ -281,6 +289,7 @@ class _RunConfigBase(_Strict):
     attack: AttackSettings = Field(default_factory=AttackSettings)
     faults: FaultSettings = Field(default_factory=FaultSettings)
     dp: DPSettings = Field(default_factory=DPSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     activation_cache: ActivationCacheSettings = Field(default_factory=ActivationCacheSettings)
@@ -392,6 +401,14 @@ class _RunConfigBase(_Strict):
             raise ValueError(
                 f"dp.count_noise: adaptive clipping needs 2 x count noise ({count_noise:g}) > "
                 f"noise_multiplier ({dp.noise_multiplier:g}); raise dp.count_noise"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy(self) -> _RunConfigBase:
+        if self.privacy.membership_inference and self.method == "local":
+            raise ValueError(
+                "privacy.membership_inference: method local trains no global model to attack"
             )
         return self
 

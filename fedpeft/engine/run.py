@@ -443,6 +443,11 @@ def finish_run(
     extra = _privacy(state.history)
     if stopped is not None:
         extra["stopped"] = stopped
+    if job.config.privacy.membership_inference and state.history:
+        from fedpeft.privacy import at_run_end
+
+        extra.update(at_run_end(job, state.history, run_dir.best_path))
+        load_trainable_state(job.model, state.global_state)
     if job.config.personalized_eval:
         extra.update(personalized_scores(job, state.global_state, state.store))
     summary = summarise(job.config, state.history, *counts, extra)
