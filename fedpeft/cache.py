@@ -20,6 +20,13 @@ Layout and validity
 - In the embedded engine the frozen bottom is the same for every client, so one cache serves all
   clients; each row belongs to one client, so this equals a per-client cache of its own samples.
 
+Bookkeeping only (``store_hidden=False``): every decision above is taken the same way (which
+rows would be stored, evicted or missed, and so what the device is charged), but no hidden state
+is kept and each batch's bottom is recomputed, rounded to ``dtype`` as a stored row would be. The
+simulated run is the same as with the cache (weights equal up to float rounding: a row's bottom
+is computed in another batch); only the wall-clock differs. ``nbytes`` then counts what would be
+stored.
+
 Memory bound: ``max_bytes`` caps the stored tensors. When a new row does not fit, stores for other
 start layers are evicted first (least recently used); if it still does not fit, the row is not
 stored and is recomputed through the frozen bottom whenever it is needed (a *miss*, counted), so
@@ -201,10 +208,17 @@ class CacheStats:
 class ActivationCache:
     """Hidden states at the lowest trainable layer, per row of one tokenised dataset."""
 
-    def __init__(self, data: TokenizedData, dtype: str = "fp16", max_bytes: int | None = None):
+    def __init__(
+        self,
+        data: TokenizedData,
+        dtype: str = "fp16",
+        max_bytes: int | None = None,
+        store_hidden: bool = True,
+    ):
         if dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.data = data
+        self.store_hidden = store_hidden
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         self.max_bytes = max_bytes
@@ -239,7 +253,8 @@ class ActivationCache:
         store = self._stores.get(start)
         if store is not None and store.fingerprint is None:  # restored: check it by content, once
             if store.digest == bottom_digest(model, start):
-                self._refill(model, start, store)
+                if self.store_hidden:
+                    self._refill(model, start, store)
                 store.fingerprint, store.keep = fingerprint, self._keep(model, start)
         if store is not None and store.fingerprint != fingerprint:
             del self._stores[start]
@@ -280,16 +295,25 @@ class ActivationCache:
         store = self._store(model, start)
         missing = [int(r) for r in rows if int(r) not in store.rows]
         fresh: dict[int, torch.Tensor] = {}
+        if not self.store_hidden:  # bookkeeping only: every row of the batch is recomputed
+            computed = bottom_hidden(model, self.data.batch(rows), start)
+            for i, row in enumerate(rows.tolist()):
+                length = int(self.data.lengths[row])
+                fresh[int(row)] = computed[i, :length].to(self.dtype).clone()
         if missing:
-            computed = bottom_hidden(model, self.data.batch(missing), start)
+            if self.store_hidden:
+                computed = bottom_hidden(model, self.data.batch(missing), start)
             lengths = self.data.lengths[missing]
             group, stored = len(store.groups), False
             for i, row in enumerate(missing):
-                tensor = computed[i, : int(lengths[i])].to(self.dtype).clone()
-                fresh[row] = tensor
+                if self.store_hidden:
+                    tensor = computed[i, : int(lengths[i])].to(self.dtype).clone()
+                    fresh[row] = tensor
+                else:
+                    tensor = fresh[row]
                 size = tensor.numel() * tensor.element_size()
                 if self._room_for(size, keep=start):
-                    store.rows[row] = tensor
+                    store.rows[row] = tensor if self.store_hidden else None
                     store.group_of[row] = group
                     store.nbytes += size
                     stored = True

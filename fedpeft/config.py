@@ -167,6 +167,14 @@ class CostSettings(_Strict):
     network_weights: list[float] | None = None
 
 
+class EarlyStopSettings(_Strict):
+    """Run to convergence: stop once validation accuracy has not gained more than ``min_delta``
+    for ``patience`` rounds; ``rounds`` is the cap. The summary says whether the cap was hit."""
+
+    patience: int = Field(ge=1, description="rounds without a validation gain before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smallest validation gain that counts")
+
+
 class ActivationCacheSettings(_Strict):
     """Cache the hidden states entering the lowest trainable layer (fedpeft/cache.py).
 
@@ -180,6 +188,11 @@ class ActivationCacheSettings(_Strict):
         2_000_000_000,
         ge=0,
         description="bound on stored bytes (null: none); rows over it are recomputed each time",
+    )
+    store_hidden: bool = Field(
+        True,
+        description="false: keep the cache's bookkeeping (hits, misses, the device time charged) "
+        "but recompute the frozen bottom every time: the same simulated run, more wall-clock",
     )
 
 
@@ -279,6 +292,9 @@ class _RunConfigBase(_Strict):
         "model on its own training rows for this many local epochs (0: none)",
     )
     target_accuracy: float | None = Field(None, gt=0, le=1)
+    early_stop: EarlyStopSettings | None = Field(
+        None, description="{patience, min_delta}: stop when validation stops gaining (embedded)"
+    )
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads (default: torch's choice)"
     )
@@ -313,6 +329,10 @@ class _RunConfigBase(_Strict):
                 f"engine: {self.engine} does not run method {self.method} yet "
                 f"(use engine: {spec.engines[0]})"
             )
+        if self.early_stop is not None and self.validation_size == 0:
+            raise ValueError("early_stop: needs validation rows; set validation_size > 0")
+        if self.engine == "flower" and self.early_stop is not None:
+            raise ValueError("early_stop: embedded engine only; set engine: embedded")
         if self.engine == "flower" and self.quantize != "none":
             raise ValueError("quantize: engine flower sends float tensors; set quantize: none")
         if self.lr is None:

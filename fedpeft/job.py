@@ -220,7 +220,7 @@ def build_job(config: RunConfig) -> Job:
     if config.activation_cache.enabled:
         cache = config.activation_cache
         caches = {
-            split: ActivationCache(rows, cache.dtype, cache.max_bytes)
+            split: ActivationCache(rows, cache.dtype, cache.max_bytes, cache.store_hidden)
             for split, rows in data.items()
         }
     hf_config = model.config if hasattr(model, "config") else None

@@ -113,6 +113,21 @@ class RunProgress:
                 self.clients_task, completed=info["done"], status=f"loss {info['loss']:.4f}"
             )
             self._eta()
+        elif kind == "trial":  # a round-driving method's trial: its share of the budget so far
+            self.progress.update(
+                self.clients_task,
+                total=info["budget_s"],
+                completed=min(info["sim_time_s"], info["budget_s"]),
+                status=f"{info['candidate']} ({info['depth']},{info['width']}): "
+                f"round {info['rounds']}, {info['sim_time_s']:.1f}/{info['budget_s']:.1f} s sim",
+            )
+        elif kind == "trial_end":
+            if self.enabled:
+                self.console.log(
+                    f"period {info['period']}: {info['candidate']} ({info['depth']},"
+                    f"{info['width']}) ran {info['rounds']} rounds in {info['sim_time_s']:.1f} s "
+                    f"sim ({info['wall_s']:.1f} s wall), val {info['val_accuracy']:.4f}"
+                )
         elif kind == "note":
             if self.enabled:
                 self.console.log(info["text"])

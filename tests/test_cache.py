@@ -281,3 +281,37 @@ def test_restored_store_whose_bottom_changed_is_rebuilt_on_first_use(toy_data, t
     other = ActivationCache(data, dtype="fp16")  # a checkpoint of another cache setup: start empty
     other.load_state_dict(state, fresh)
     assert other.nbytes == 0 and other.stats.misses == 8
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_bookkeeping_only_decides_and_computes_as_the_cache(toy_data, dtype):
+    """store_hidden=False keeps no hidden state but counts hits, misses, evictions and bytes as
+    the cache does, and serves the same hidden states (rounded to the cache's dtype)."""
+    model, data = _setup(toy_data, "adapter", depth=2, width=8)
+    for p in trainable_parameters(model).values():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    width = model.config.hidden_size * (2 if dtype == "fp16" else 4)
+    size = int(data.lengths[[3, 17, 5]].sum()) * width  # room for about six rows
+    kept = ActivationCache(data, dtype=dtype, max_bytes=size * 2)
+    bookkeeping = ActivationCache(data, dtype=dtype, max_bytes=size * 2, store_hidden=False)
+    batches = [[3, 17, 5], [5, 40, 11, 2], [3, 2], [1, 3, 17, 40], [7, 8]]
+    for depth in (2, 1):  # a depth change: a new store beside the old one, evictions
+        set_layout(model, depth, 8, AdapterSettings())
+        start = cache_start_layer(model)
+        for rows in batches:
+            rows = np.array(rows)
+            a = kept.hidden(model, rows, start)
+            b = bookkeeping.hidden(model, rows, start)
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, atol=1e-3 if dtype == "fp16" else 1e-5)
+            assert kept.stats == bookkeeping.stats and kept.nbytes == bookkeeping.nbytes
+    assert kept.stats.hits > 0 and kept.stats.misses > 0 and kept.stats.evictions > 0
+    assert all(t is None for s in bookkeeping._stores.values() for t in s.rows.values())
+    state = bookkeeping.state_dict()  # checkpoints like the cache; nothing to refill on resume
+    again = ActivationCache(data, dtype=dtype, max_bytes=size * 2, store_hidden=False)
+    again.load_state_dict(state)
+    rows = np.array([1, 3])
+    assert torch.allclose(
+        again.hidden(model, rows, start), kept.hidden(model, rows, start), atol=1e-3
+    )

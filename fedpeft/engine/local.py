@@ -25,6 +25,8 @@ from fedpeft.engine.run import (
     RunState,
     check_upload,
     client_seed,
+    converged,
+    estimate_client_time_s,
     evaluate_split,
     expected_upload,
     finish_round,
@@ -282,7 +284,10 @@ class EmbeddedEngine:
         if job.dp is not None:  # the adaptive clip norm lives in the metrics rows
             last = state.history[-1] if state.history else {}
             self.dp_clip_norm = last.get("dp_clip_norm_next", job.dp.clip_norm)
+        stop = self.config.early_stop
         for rnd in range(state.done + 1, self.config.rounds + 1):
+            if stop is not None and converged(state.history, stop.patience, stop.min_delta):
+                break  # finish_run records it (also when a converged run is resumed)
             stopped = self._privacy_spent(rnd)
             if stopped is not None:
                 break
@@ -335,3 +340,9 @@ class _Runner(ClientRunner):
     def evaluate(self, state: State, split: str) -> Evaluation:
         load_trainable_state(self.model, state)
         return evaluate_split(self.engine.job, split)
+
+    def client_time_s(self, cid: int, state: State) -> float:
+        return estimate_client_time_s(self.engine.job, cid, state)
+
+    def report(self, kind: str, info: dict[str, Any]) -> None:
+        self.engine.on_event(kind, info)

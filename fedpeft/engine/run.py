@@ -172,6 +172,41 @@ def train_client(
     return ClientWork(sent, result, cost.compute_time_s(flops, device), metrics)
 
 
+def estimate_client_time_s(job: Job, cid: int, state: State) -> float:
+    """An upper bound, from the cost model alone (nothing trains), on client ``cid``'s simulated
+    seconds for one local round from ``state`` with the model as shaped now: its local pass (the
+    epochs or steps it would run, every sequence as long as its longest row, every cached row a
+    miss, as in the first round of a configuration) plus ``state`` sent down and back up as
+    float tensors. Methods that plan in simulated time (AutoFedNLP's trial budget) use it."""
+    model, training = job.model, job.training
+    load_trainable_state(model, state, strict=False)
+    rows = job.partition.train[cid]
+    if len(rows) == 0:
+        samples, seq_len = 0, 1
+    else:
+        steps = training.num_steps(len(rows))
+        samples = steps * min(training.batch_size, len(rows))
+        seq_len = int(job.train.lengths[rows].max()) + job.extra_tokens
+    cached_from = cache_start_layer(model) if "train" in job.caches else None
+    per_token, embeddings = count_trainable_per_token(model)
+    flops = cost.train_flops(
+        job.dims,
+        seq_len,
+        samples,
+        lowest_trainable_layer=lowest_trainable_layer(model, job.num_layers),
+        trainable_params=per_token,
+        embeddings_trainable=embeddings,
+        extra_kv=job.extra_kv,
+        cached_below=cached_from is not None,
+    )
+    if cached_from is not None:
+        misses = min(samples, len(rows))
+        flops += misses * cached_from * cost.layer_forward_flops(job.dims, seq_len, job.extra_kv)
+    device, network = job.profiles[cid]
+    blob = len(payload.encode(state))
+    return cost.compute_time_s(flops, device) + cost.comm_time_s(blob, blob, network)
+
+
 # -- the server's check of an upload --------------------------------------------------------------
 def expected_upload(job: Job, rnd: int, cid: int, global_state: State) -> State:
     """The names, shapes and dtypes the method asked this client for (its upload selection
@@ -412,7 +447,8 @@ def finish_round(
     if "trial" in row:  # methods that search configurations record every trial
         trials = [r["trial"] for r in history if "trial" in r]
         write_text(run_dir.path / "trials.jsonl", "".join(json.dumps(t) + "\n" for t in trials))
-    run_dir.write_summary(summarise(job.config, history, *_param_counts(job), _privacy(history)))
+    extra = {**_privacy(history), **early_stop_fields(job, history)}
+    run_dir.write_summary(summarise(job.config, history, *_param_counts(job), extra))
     on_event("round_end", row)
     return row
 
@@ -433,6 +469,38 @@ def _privacy(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def converged(history: list[dict[str, Any]], patience: int, min_delta: float = 0.0) -> str | None:
+    """Why a run has converged (``early_stop``), else None: ``patience`` rounds have passed since
+    the last round whose validation accuracy beat every earlier one by more than ``min_delta``."""
+    best, best_round = None, 0
+    for row in history:
+        val = row.get("val_accuracy")
+        if val is not None and (best is None or val > best + min_delta):
+            best, best_round = val, row["round"]
+    if best is None or not history or history[-1]["round"] - best_round < patience:
+        return None
+    return (
+        f"converged after round {history[-1]['round']}: no validation gain over {min_delta:g} "
+        f"in {patience} rounds since round {best_round} ({best:.4f})"
+    )
+
+
+def early_stop_fields(job: Job, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's record of a run under ``early_stop``: whether it converged before its cap
+    (``rounds``) and whether it hit the cap; a converged run is complete."""
+    settings = job.config.early_stop
+    if settings is None:
+        return {}
+    reason = converged(history, settings.patience, settings.min_delta)
+    done = len(history)
+    return {
+        "converged": reason is not None,
+        "cap_hit": reason is None and done >= job.config.rounds,
+        "complete": reason is not None or done >= job.config.rounds,
+        **({"stopped": reason} if reason is not None else {}),
+    }
+
+
 def finish_run(
     job: Job, run_dir: RunDir, state: RunState, stopped: str | None = None
 ) -> dict[str, Any]:
@@ -441,6 +509,7 @@ def finish_run(
     load_trainable_state(job.model, state.global_state)
     counts = _param_counts(job)
     extra = _privacy(state.history)
+    extra.update(early_stop_fields(job, state.history))
     if stopped is not None:
         extra["stopped"] = stopped
     if job.config.privacy.membership_inference and state.history:

@@ -216,6 +216,14 @@ class ClientRunner:
         """Score ``state`` (loaded into the resident model as shaped now) on 'validation'/'test'."""
         raise NotImplementedError
 
+    def client_time_s(self, cid: int, state: State) -> float:
+        """The cost model's upper bound on client ``cid``'s simulated seconds for one round from
+        ``state`` (model as shaped now; nothing trains): for budgets planned in simulated time."""
+        raise NotImplementedError
+
+    def report(self, kind: str, info: dict[str, Any]) -> None:
+        """Progress of the round so far, for the screen (e.g. ``"trial"``); ignored by default."""
+
 
 class RoundDriver(FederatedMethod):
     """A method that runs whole rounds itself (recognised by type, not by attribute)."""
