@@ -333,7 +333,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_STUDIES = ("autofednlp", "c2a", "fedpetuning", "fibecfed")
+BENCH_STUDIES = ("autofednlp", "c2a", "fedpetuning", "fibecfed", "robustness")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
