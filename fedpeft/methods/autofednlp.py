@@ -21,18 +21,47 @@ one engine round here is one period:
    ties going to shallow, then wide, then deep (the cheaper configuration). Everyone continues
    from the winner's weights and configuration.
 
+tau, as a count of rounds. The reference sets tau = 60-100 s against its own latency table,
+which gives on the order of a hundred rounds per candidate per period at shallow depth. Seconds do
+not carry over between cost models, models and data sizes (on the tiny test model 60 s bought
+thousands of rounds per period), so by default tau is derived, before the first period, from a
+budget stated in rounds (``rounds_per_period``, R = 20):
+
+    r_c   = max over all clients k of the cost model's upper bound on k's round at candidate c
+            of the first period, from the starting weights (``ClientRunner.client_time_s``):
+            one local pass, every sequence as long as k's longest row, every row a cache miss
+            (charged a frozen-bottom forward, as in a configuration's first round), plus the
+            candidate's trainable tensors down and up over k's link
+    r_0   = max over the first period's candidates of r_c      (the deep one, in practice)
+    tau   = R * r_0 / (4 d_0 + 1)                                (d_0: the starting depth)
+
+so the first period's budget is T_1 = tau * (4 d_0 + 1) = R * r_0. Every actual round of a
+first-period candidate lasts at most r_0 (its slowest sampled client is no slower than the
+slowest client's bound), so each of them runs at least R rounds, whatever the model, data,
+devices or links. Later periods keep the reference's T = tau * (4d + 1): a round's cost grows
+about linearly with depth (a layer's forward and backward per row) while the budget grows by
+4 tau per layer, so deeper periods run at least as many rounds. Worked example (MiniLM-L6, 4
+labels, Jetson TX2 at 200 GFLOP/s, 1 MB/s links, about 100 rows of <= 64 tokens per client,
+start (0, 8)): the deep candidate (2, 8) is bounded by 0.89 s of compute (two trained layers
+plus four frozen layers for the misses) + 0.12 s for its 14.6k parameters both ways, r_0 = 1.0 s,
+tau = 20 s; head-only rounds at (0, 8) cost 0.01 s once the client's rows are cached, so the
+shallow candidate runs hundreds of rounds in the same 20 s. ``tau`` set explicitly (seconds)
+skips the derivation. The derived tau is kept in the checkpoint and written into every trial.
+
 Upgrades keep the trained weights: deeper adds zero-up-projection adapters below the existing
 ones, wider appends bottleneck units with zero up-projection columns (``peft.adapter.set_layout``),
 so the model's output is unchanged at the moment of the upgrade. Because the frozen bottom only
 changes with depth, the activation cache (``fedpeft.cache``) stays valid across width changes.
 
-The period's metrics row carries ``depth`` / ``width`` (the winner's) and ``trial``: the
-candidates, the rounds each ran, their simulated time, validation accuracy, and the winner.
+The period's metrics row carries ``depth`` / ``width`` (the winner's) and ``trial``: tau and the
+budget, the candidates, the rounds each ran, their simulated time, wall-clock, validation
+accuracy, and the winner. Each candidate's progress is shown as it runs (``ClientRunner.report``).
 Server-side validation is not charged to simulated time (the server is not the bottleneck).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,8 +89,17 @@ class AutoFedNLPSettings(BaseModel):
 
     start_depth: int = Field(0, ge=0, description="depth of the first configuration")
     start_width: int = Field(8, ge=1, description="adapter width of the first configuration")
-    tau: float = Field(
-        60.0, gt=0, description="simulated seconds; a trial period gets T = tau * (4d + 1)"
+    rounds_per_period: int = Field(
+        20,
+        ge=1,
+        description="budget in rounds: tau is set so every first-period candidate runs at least "
+        "this many rounds (its slowest client, nothing cached)",
+    )
+    tau: float | None = Field(
+        None,
+        gt=0,
+        description="simulated seconds (a trial period gets T = tau * (4d + 1)); "
+        "default: derived from rounds_per_period",
     )
     width_step: int = Field(8, ge=1, description="bottleneck units the wide candidate adds")
     max_width: int = Field(64, ge=1, description="width cap")
@@ -99,10 +137,24 @@ class AutoFedNLP(RoundDriver):
         self.clients_per_round = clients_per_round
         self.depth = min(settings.start_depth, self.max_depth)
         self.width = settings.start_width
+        self.tau = settings.tau  # None until derived from rounds_per_period
 
     # -- the configuration search ---------------------------------------------------------------
     def budget_s(self) -> float:
-        return self.settings.tau * (4 * self.depth + 1)
+        if self.tau is None:
+            raise ValueError("tau is not set yet: it is derived before the first trial period")
+        return self.tau * (4 * self.depth + 1)
+
+    def calibrate(self, global_state: State, runner: ClientRunner, rnd: int) -> float:
+        """tau from ``rounds_per_period``: R x the costliest bound on a round of any candidate
+        of this (the first) period, over all clients, / (4d + 1). See the module docstring."""
+        costliest = 0.0
+        for candidate in self.candidates():
+            start = self.upgrade(runner.model, global_state, candidate, seed=runner.seed * 1000)
+            worst = max(runner.client_time_s(cid, start) for cid in range(runner.num_clients))
+            costliest = max(costliest, worst)
+        self.shape_model(runner.model)
+        return self.settings.rounds_per_period * costliest / (4 * self.depth + 1)
 
     def candidates(self) -> list[Candidate]:
         d, w, s = self.depth, self.width, self.settings
@@ -145,6 +197,7 @@ class AutoFedNLP(RoundDriver):
         self,
         rnd: int,
         group: int,
+        candidate: Candidate,
         state: State,
         pool: np.ndarray,
         runner: ClientRunner,
@@ -153,6 +206,18 @@ class AutoFedNLP(RoundDriver):
         elapsed, rounds, up, down, wall, loss_sum, seen, clients = 0.0, 0, 0, 0, 0.0, 0.0, 0, []
         per_round = min(self.clients_per_round, len(pool))
         while elapsed < budget:
+            runner.report(
+                "trial",
+                {
+                    "period": rnd,
+                    "candidate": candidate.name,
+                    "depth": candidate.depth,
+                    "width": candidate.width,
+                    "rounds": rounds,
+                    "sim_time_s": elapsed,
+                    "budget_s": budget,
+                },
+            )
             rng = np.random.default_rng([runner.seed, rnd, group, rounds])
             chosen = sorted(int(c) for c in rng.choice(pool, size=per_round, replace=False))
             fits = [runner.fit(rnd, cid, state, stream=(group, rounds)) for cid in chosen]
@@ -184,15 +249,30 @@ class AutoFedNLP(RoundDriver):
     def run_round(
         self, rnd: int, global_state: State, runner: ClientRunner
     ) -> tuple[State, RoundReport]:
-        model, budget = runner.model, self.budget_s()
+        model = runner.model
+        if self.tau is None:
+            self.tau = self.calibrate(global_state, runner, rnd)
+        budget = self.budget_s()
         candidates = self.candidates()
         pools = self._pools(runner.seed, rnd, runner.num_clients, 3)
         runs: dict[str, dict[str, Any]] = {}
         for group, candidate in enumerate(candidates):
+            started = time.perf_counter()
             start = self.upgrade(model, global_state, candidate, seed=runner.seed * 1000 + rnd)
-            run = self._train_candidate(rnd, group, start, pools[group], runner, budget)
+            run = self._train_candidate(rnd, group, candidate, start, pools[group], runner, budget)
             run["val_accuracy"] = runner.evaluate(run["state"], "validation").accuracy
+            run["wall_s"] = time.perf_counter() - started
             runs[candidate.name] = run
+            runner.report(
+                "trial_end",
+                {
+                    "period": rnd,
+                    "candidate": candidate.name,
+                    "depth": candidate.depth,
+                    "width": candidate.width,
+                    **{k: run[k] for k in ("rounds", "sim_time_s", "wall_s", "val_accuracy")},
+                },
+            )
         winner_name = self.pick_winner({name: run["val_accuracy"] for name, run in runs.items()})
         winner = next(c for c in candidates if c.name == winner_name)
         previous = (self.depth, self.width)
@@ -202,6 +282,10 @@ class AutoFedNLP(RoundDriver):
         trial = {
             "period": rnd,
             "start": {"depth": previous[0], "width": previous[1]},
+            "tau_s": self.tau,
+            "rounds_per_period": self.settings.rounds_per_period
+            if self.settings.tau is None
+            else None,
             "budget_s": budget,
             "candidates": [
                 {
@@ -234,11 +318,12 @@ class AutoFedNLP(RoundDriver):
         return weighted_average([u.state for u in updates], [u.num_samples for u in updates])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"depth": self.depth, "width": self.width}
+        return {"depth": self.depth, "width": self.width, "tau": self.tau}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.depth = state.get("depth", self.depth)
         self.width = state.get("width", self.width)
+        self.tau = state.get("tau", self.tau)
 
 
 def _start_settings(config: RunConfig) -> AdapterSettings:
