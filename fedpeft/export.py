@@ -7,14 +7,16 @@
   frozen backbone in ``DIR/base``;
 - **adapter, bitfit, full** (and autofednlp's adapters): a transformers model folder.
 
-fedpeft's backbone is not a stock ``BertForSequenceClassification``: with ``pooling: mean`` its
-[CLS] pooler is replaced by a masked mean over tokens, and bottleneck adapters sit inside the
-encoder layers. Weights loaded into the stock class would silently score lower, so every model
-folder carries its own ``modeling_fedpeft_bert.py`` (the pooler and adapter modules are copied
-from fedpeft's own source) and a ``config.json`` whose ``model_type`` (``fedpeft_bert``) and
+Every model family is exported (BERT, RoBERTa, DistilBERT, GPT-2, LLaMA-style). fedpeft's model
+is not the stock ``<Family>ForSequenceClassification``: it pools its own way (a masked mean over
+tokens, or a decoder's last real token) and bottleneck adapters sit inside its layers. Weights
+loaded into the stock class would silently score lower, so every model folder carries its own
+``modeling_fedpeft_<type>.py`` (the pooling and adapter code is copied from fedpeft's own source)
+and a ``config.json`` whose ``model_type`` (``fedpeft_bert``, ``fedpeft_llama``, ...) and
 ``auto_map`` make transformers use it: loading needs ``trust_remote_code=True``, and without it
-transformers refuses instead of guessing. Label names (``id2label``) come from the dataset, and
-the saved tokenizer truncates at the run's ``max_seq_len``. docs/export.md shows the loading code.
+transformers refuses instead of guessing. Label names (``id2label``) come from the dataset; the
+saved tokenizer truncates at the run's ``max_seq_len`` and, for decoders, pads on the right with
+the pad token the run used. docs/export.md shows the loading code.
 """
 
 from __future__ import annotations
@@ -37,16 +39,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fedpeft.models.families import family_of
+from fedpeft.models.families import Family, layer_index, task_model
 from fedpeft.runs import RunDir
 
 WEIGHTS = {"final": "weights.safetensors", "best": "best.safetensors"}
 PEFT_METHODS = ("lora", "prefix", "prompt")
 MODEL_METHODS = ("adapter", "bitfit", "full", "autofednlp")
-MODELING_FILE = "modeling_fedpeft_bert.py"
-MODEL_TYPE = "fedpeft_bert"
-MODEL_CLASS = "FedpeftBertForSequenceClassification"
-CONFIG_CLASS = "FedpeftBertConfig"
 BASE_FOLDER = "base"
 # the task head's last matrix: BERT/DistilBERT classifier, RoBERTa classifier.out_proj, decoder score
 _HEAD_KEY = re.compile(
@@ -132,7 +130,7 @@ def _autofednlp_layout(model: nn.Module, config: Any, state: dict[str, torch.Ten
     """Give the model the adapter depth and width the saved weights have (AutoFedNLP grows them)."""
     from fedpeft.peft.adapter import set_layout
 
-    layers = {int(m.group(1)) for k in state if (m := re.search(r"layer\.(\d+)\..*adapter\.", k))}
+    layers = {layer_index(k) for k in state if ".adapter." in k} - {None}
     widths = {int(t.shape[0]) for k, t in state.items() if k.endswith("adapter.down.weight")}
     if len(widths) > 1:
         raise ExportError(f"adapters of several widths ({sorted(widths)}) cannot be laid out")
@@ -247,73 +245,136 @@ def read_rows(path: Path) -> tuple[list[str], list[str] | None]:
 
 _MODEL_SOURCE = '''
 
-class FedpeftBertConfig(BertConfig):
-    """BertConfig plus how fedpeft pools and where its bottleneck adapters sit."""
+BACKBONE = {backbone!r}  # the base model inside the task model
+POOLER = {pooler!r}  # a [CLS] pooler module that mean pooling replaces
+TOKEN_TYPES = {token_types!r}  # the model reads token_type_ids (else they are dropped)
+DECODER = {decoder!r}
 
-    model_type = "fedpeft_bert"
 
-    def __init__(self, pooling="mean", bottleneck_adapters=None, **kwargs):
+class {config_class}({stock_config}):
+    """{stock_config} plus how fedpeft pools and where its bottleneck adapters sit."""
+
+    model_type = "{model_type}"
+
+    def __init__(self, pooling={pooling!r}, bottleneck_adapters=None, **kwargs):
         super().__init__(**kwargs)
-        self.pooling = pooling  # "mean" (MaskedMeanPooler) or "cls" (BERT's pooler)
-        # [{"module": "encoder.layer.5.output", "width": 64, "activation": "relu"}, ...]
+        self.pooling = pooling  # "mean", "last" or "cls" (the family's own head)
+        # [{{"module": "<path of a layer's output projection>", "width": 64, "activation": "relu"}}]
         self.bottleneck_adapters = list(bottleneck_adapters or [])
 
 
-class FedpeftBertForSequenceClassification(BertForSequenceClassification):
-    """BertForSequenceClassification with fedpeft's pooling and bottleneck adapters."""
+class {base_class}({stock_base}):
+    """The base model, registered for {config_class} (a task model may build it by config)."""
 
-    config_class = FedpeftBertConfig
+    config_class = {config_class}
+
+
+AutoModel.register({config_class}, {base_class}, exist_ok=True)
+
+
+class {model_class}({stock_model}):
+    """{stock_model} with fedpeft's pooling and bottleneck adapters."""
+
+    config_class = {config_class}
 
     def __init__(self, config):
         super().__init__(config)
         for site in config.bottleneck_adapters:
-            parent = self.bert.get_submodule(site["module"])
-            dense = parent.dense
-            adapter = Bottleneck(dense.out_features, site["width"], site["activation"])
-            parent.dense = AdaptedLinear(dense, adapter)
-        if config.pooling == "mean":
-            self.bert.pooler = MaskedMeanPooler()
-
-            def remember_mask(encoder, args, kwargs):  # the encoder's own pooler, copies too
-                if isinstance(encoder.pooler, MaskedMeanPooler):
-                    encoder.pooler.mask = kwargs.get("attention_mask")
-                return None
-
-            self.bert.register_forward_pre_hook(remember_mask, with_kwargs=True)
-        elif config.pooling != "cls":
-            raise ValueError(f"unknown pooling {config.pooling!r} (mean or cls)")
+            parent_path, _, attr = site["module"].rpartition(".")
+            parent = self.get_submodule(parent_path)
+            projection = getattr(parent, attr)
+            adapter = Bottleneck(out_features(projection), site["width"], site["activation"])
+            setattr(parent, attr, AdaptedLinear(projection, adapter))
+        attach_pooling(
+            self,
+            config.pooling,
+            backbone=BACKBONE,
+            pooler=POOLER,
+            token_types=TOKEN_TYPES,
+            decoder=DECODER,
+        )
 '''
 
 
-def modeling_source() -> str:
-    """The modeling file: fedpeft's own pooler and adapter classes, plus the config and model."""
-    from fedpeft.models import MaskedMeanPooler
-    from fedpeft.models.pooling import text_mask
+@dataclass(frozen=True)
+class ModelCode:
+    """The exported modeling file of one run's model: its names and source."""
+
+    model_type: str  # ``fedpeft_<model type>``: unknown to transformers without the file
+    config_class: str
+    model_class: str
+    stock_model: str  # the transformers class it subclasses
+    source: str
+
+    @property
+    def file(self) -> str:
+        return f"modeling_{self.model_type}.py"
+
+
+def model_code(family: Family, task: nn.Module, pooling: str) -> ModelCode:
+    """The modeling file for ``task`` (a transformers task model of ``family``): fedpeft's own
+    pooling and adapter code, then a config and model subclassing the stock ones."""
+    from fedpeft.models import pooling as poolers
+    from fedpeft.models.families import out_features
     from fedpeft.peft.adapter import AdaptedLinear, Bottleneck
 
+    stock_model = type(task).__name__
+    stock_config = type(task.config).__name__
+    stock_base = type(task.get_submodule(family.backbone)).__name__
+    model_type = f"fedpeft_{task.config.model_type}"
+    name = stock_model.removesuffix("ForSequenceClassification")
+    config_class, base_class = f"Fedpeft{name}Config", f"Fedpeft{name}Model"
+    model_class = f"Fedpeft{stock_model}"
     header = (
-        '"""BERT sequence classifier as trained by fedpeft (written by `fedpeft export`).\n\n'
+        f'"""{name} sequence classifier as trained by fedpeft (written by `fedpeft export`).\n\n'
         "Needs torch and transformers only. Load with\n"
         "AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).\n"
         '"""\n\n'
         "from __future__ import annotations\n\n"
         "import torch\n"
         "from torch import nn\n"
-        "from transformers import BertConfig, BertForSequenceClassification\n\n"
+        f"from transformers import AutoModel, {stock_base}, {stock_config}, {stock_model}\n\n"
         '_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}\n'
+        f"ATTACHED = {poolers.ATTACHED!r}  # the backbone attribute holding an attached pooler\n"
     )
-    parts = (text_mask, MaskedMeanPooler, Bottleneck, AdaptedLinear)
-    classes = [inspect.getsource(part) for part in parts]
-    return header + "".join("\n\n" + source for source in classes) + _MODEL_SOURCE
+    parts = (
+        out_features,
+        poolers.text_mask,
+        poolers.MaskedMeanPooler,
+        poolers.LastTokenPooler,
+        poolers._remember_mask,
+        poolers._remember_mask_attached,
+        poolers._pool_output,
+        poolers._drop_token_types,
+        poolers.attach_pooling,
+        Bottleneck,
+        AdaptedLinear,
+    )
+    body = "".join("\n\n" + inspect.getsource(part) for part in parts)
+    classes = _MODEL_SOURCE.format(
+        backbone=family.backbone,
+        pooler=family.pooler,
+        token_types=family.token_types,
+        decoder=family.decoder,
+        pooling=pooling,
+        model_type=model_type,
+        config_class=config_class,
+        base_class=base_class,
+        model_class=model_class,
+        stock_config=stock_config,
+        stock_base=stock_base,
+        stock_model=stock_model,
+    )
+    return ModelCode(model_type, config_class, model_class, stock_model, header + body + classes)
 
 
-def _modeling_module(source: str) -> ModuleType:
+def _modeling_module(code: ModelCode) -> ModuleType:
     """The modeling file imported here too, so exported weights are checked against it."""
     folder = Path(tempfile.mkdtemp(prefix="fedpeft-export-"))
     try:
-        path = folder / MODELING_FILE
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location("fedpeft_export_modeling", path)
+        path = folder / code.file
+        path.write_text(code.source)
+        spec = importlib.util.spec_from_file_location(f"fedpeft_export_{code.model_type}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -322,21 +383,19 @@ def _modeling_module(source: str) -> ModuleType:
 
 
 def _adapter_sites(model: nn.Module) -> list[dict[str, Any]]:
-    """Where the model's bottleneck adapters sit, relative to ``model.bert``."""
+    """Where the model's bottleneck adapters sit: the paths of the projections they follow."""
     from fedpeft.peft.adapter import AdaptedLinear
 
     sites = []
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
-            parent = name.removesuffix(".dense").removeprefix("bert.")
             activation = type(module.adapter.act).__name__.lower()
-            sites.append(
-                {"module": parent, "width": module.adapter.width, "activation": activation}
-            )
+            sites.append({"module": name, "width": module.adapter.width, "activation": activation})
     return sites
 
 
 def _hf_model(
+    code: ModelCode,
     module: ModuleType,
     template: nn.Module,
     state: dict[str, torch.Tensor],
@@ -354,14 +413,13 @@ def _hf_model(
         pooling=pooling,
         bottleneck_adapters=sites,
     )
-    config = module.FedpeftBertConfig(**settings)
-    config.architectures = [MODEL_CLASS]
+    config = getattr(module, code.config_class)(**settings)
+    config.architectures = [code.model_class]
     config.auto_map = {
-        "AutoConfig": f"{MODELING_FILE[:-3]}.{CONFIG_CLASS}",
-        "AutoModel": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}",
-        "AutoModelForSequenceClassification": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}",
+        "AutoConfig": f"{code.file[:-3]}.{code.config_class}",
+        "AutoModelForSequenceClassification": f"{code.file[:-3]}.{code.model_class}",
     }
-    model = module.FedpeftBertForSequenceClassification(config)
+    model = getattr(module, code.model_class)(config)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         kind = "missing" if result.missing_keys else "unexpected"
@@ -370,9 +428,9 @@ def _hf_model(
     return model.eval()
 
 
-def _write_model_folder(model: nn.Module, folder: Path, source: str, tokenizer) -> None:
+def _write_model_folder(model: nn.Module, folder: Path, code: ModelCode, tokenizer) -> None:
     model.save_pretrained(folder)
-    (folder / MODELING_FILE).write_text(source)
+    (folder / code.file).write_text(code.source)
     tokenizer.save_pretrained(folder)
 
 
@@ -390,7 +448,9 @@ def _peft_key(name: str) -> str:
     return name.replace("modules_to_save.default.", "")
 
 
-def _export_peft(run: RunModel, out: Path, final: Path, source: str, module: ModuleType) -> None:
+def _export_peft(
+    run: RunModel, family: Family, out: Path, final: Path, code: ModelCode, module: ModuleType
+) -> None:
     """The peft adapter folder in ``out``, the backbone (custom code) in ``out/base``; ``final``
     is where ``out`` will be moved (the adapter config names its base folder there)."""
     from peft import get_peft_model
@@ -400,18 +460,21 @@ def _export_peft(run: RunModel, out: Path, final: Path, source: str, module: Mod
 
     config, labels = run.config, run.label_names
     trained = trainable_state(run.model)
-    head = {_peft_key(k): v for k, v in trained.items() if _peft_key(k).startswith("classifier.")}
+    heads = tuple(f"{name}." for name in family.head)
+    head = {_peft_key(k): v for k, v in trained.items() if _peft_key(k).startswith(heads)}
     backbone, _ = load_model(config.model, len(labels), pooling=config.pooling, seed=config.seed)
     state = _plain_state(backbone)
     state.update(head)
-    base = _hf_model(module, backbone, state, labels, config.pooling or "mean", [])
+    pooling = config.pooling or family.pooling
+    base = _hf_model(code, module, backbone, state, labels, pooling, [])
     base_dir = out / BASE_FOLDER
     tokenizer = _export_tokenizer(run)
-    _write_model_folder(base, base_dir, source, tokenizer)
+    _write_model_folder(base, base_dir, code, tokenizer)
 
     peft_config = copy.deepcopy(run.model.peft_config["default"])
     peft_config.task_type = "SEQ_CLS"
     peft_config.inference_mode = False
+    peft_config.modules_to_save = list(family.head)  # the whole head trains, in every family
     wrapped = get_peft_model(base, peft_config)
     wrapped.peft_config["default"].base_model_name_or_path = str(base_dir)
     wanted = {_peft_key(k): k for k, p in wrapped.named_parameters() if p.requires_grad}
@@ -433,19 +496,21 @@ def _export_peft(run: RunModel, out: Path, final: Path, source: str, module: Mod
 
 
 def _export_tokenizer(run: RunModel):
-    """A copy of the tokenizer that truncates where the run did."""
+    """A copy of the tokenizer that truncates where the run did (and, for decoders, pads on the
+    side and with the token the run did: ``load_model`` set both)."""
     tokenizer = copy.deepcopy(run.tokenizer)
     tokenizer.model_max_length = run.config.max_seq_len
     return tokenizer
 
 
-def _export_model(run: RunModel, out: Path, source: str, module: ModuleType) -> None:
+def _export_model(
+    run: RunModel, family: Family, out: Path, code: ModelCode, module: ModuleType
+) -> None:
     state = _plain_state(run.model)
     sites = _adapter_sites(run.model)
-    model = _hf_model(
-        module, run.model, state, run.label_names, run.config.pooling or "mean", sites
-    )
-    _write_model_folder(model, out, source, _export_tokenizer(run))
+    pooling = run.config.pooling or family.pooling
+    model = _hf_model(code, module, run.model, state, run.label_names, pooling, sites)
+    _write_model_folder(model, out, code, _export_tokenizer(run))
 
 
 def export_run(run_path: Path, out: Path, which: str | None = None) -> ExportResult:
@@ -463,25 +528,21 @@ def export_run(run_path: Path, out: Path, which: str | None = None) -> ExportRes
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; choose a new --out folder")
     run = load_run_model(run_dir.path, which)
-    family = family_of(run.model)
-    if family.name != "bert":
-        raise ExportError(
-            f"export writes BERT models only; this run's model is {family.name} "
-            "(fedpeft predict works with it)"
-        )
-    source = modeling_source()
-    module = _modeling_module(source)
+    family, task = task_model(run.model)
+    pooling = run.config.pooling or family.pooling
+    code = model_code(family, task, pooling)
+    module = _modeling_module(code)
     as_peft = method in PEFT_METHODS and hasattr(run.model, "peft_config")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         if as_peft:
-            _export_peft(run, tmp, out, source, module)
+            _export_peft(run, family, tmp, out, code, module)
         else:
-            _export_model(run, tmp, source, module)
+            _export_model(run, family, tmp, code, module)
         kind = "peft adapter" if as_peft else "transformers model"
-        (tmp / "README.md").write_text(_readme(run, kind, out.name))
+        (tmp / "README.md").write_text(_readme(run, kind, out.name, code, pooling))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -491,7 +552,7 @@ def export_run(run_path: Path, out: Path, which: str | None = None) -> ExportRes
     return ExportResult(out, kind, run.weights)
 
 
-def _readme(run: RunModel, kind: str, name: str) -> str:
+def _readme(run: RunModel, kind: str, name: str, code: ModelCode, pooling: str) -> str:
     config = run.config
     if kind == "peft adapter":
         load = (
@@ -519,9 +580,9 @@ def _readme(run: RunModel, kind: str, name: str) -> str:
         f"# {config.run_name()}: {config.method} on {config.dataset}\n\n"
         f"Exported by `fedpeft export` from `{run.weights.parent.name}/{run.weights.name}` "
         f"({kind}). Model `{config.model}`, "
-        f"pooling `{config.pooling}`, labels: {', '.join(run.label_names)}.\n\n"
-        "`trust_remote_code=True` loads `modeling_fedpeft_bert.py` from the model folder: "
-        "fedpeft's pooling and adapters. A stock `BertForSequenceClassification` would not "
-        "compute the same thing.\n\n"
+        f"pooling `{pooling}`, labels: {', '.join(run.label_names)}.\n\n"
+        f"`trust_remote_code=True` loads `{code.file}` from the model folder: "
+        f"fedpeft's pooling and adapters. A stock `{code.stock_model}` would not compute the "
+        "same thing.\n\n"
         "```python\n" + load + use + "```\n"
     )

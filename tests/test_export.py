@@ -1,4 +1,5 @@
-"""Export: every method's model loads without fedpeft and computes the run's logits; predict."""
+"""Export: every method's model, in every model family, loads without fedpeft and computes the
+run's logits; predict."""
 
 from __future__ import annotations
 
@@ -14,9 +15,19 @@ import yaml
 
 from fedpeft import export
 from fedpeft.cli import main
+from fedpeft.models import FAMILIES
 from tests.conftest import tiny_config
 
 METHODS = ("lora", "prefix", "prompt", "adapter", "bitfit", "full", "autofednlp")
+FAMILY_NAMES = tuple(family.name for family in FAMILIES)
+DECODERS = {family.name for family in FAMILIES if family.decoder}
+# every exportable method on every family; distilbert's attention takes no prefix
+CASES = [
+    (family, method)
+    for family in FAMILY_NAMES
+    for method in METHODS
+    if (family, method) != ("distilbert", "prefix")
+]
 SETTINGS = {  # autofednlp: trial groups of 2 clients; a tiny budget so layouts change each round
     "autofednlp": {
         "num_clients": 6,
@@ -41,7 +52,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 exports, texts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 result = {}
-for method, (folder, kind) in exports.items():
+for case, (folder, kind) in exports.items():
     if kind == "peft adapter":
         from peft import PeftModel
 
@@ -60,34 +71,44 @@ for method, (folder, kind) in exports.items():
         logits = model(**together).logits
         alone = [model(**tokenizer([t], truncation=True, return_tensors="pt")).logits[0]
                  for t in texts]
-    result[method] = {
+    result[case] = {
         "logits": logits.tolist(),
         "alone": torch.stack(alone).tolist(),
         "labels": [id2label[i] for i in range(len(id2label))],
     }
-# without trust_remote_code transformers must refuse, not fall back to the stock BERT class
-folder, kind = next(v for v in exports.values() if v[1] == "transformers model")
-try:
-    AutoModelForSequenceClassification.from_pretrained(folder)
-    result["stock_load"] = "loaded"
-except Exception as err:
-    result["stock_load"] = type(err).__name__
+# without trust_remote_code transformers must refuse, not fall back to the stock class
+result["stock_load"] = {}
+for case, (folder, kind) in exports.items():
+    if case.endswith("/full"):
+        try:
+            AutoModelForSequenceClassification.from_pretrained(folder)
+            result["stock_load"][case] = "loaded"
+        except Exception as err:
+            result["stock_load"][case] = type(err).__name__
 result["fedpeft_imported"] = any(name.split(".")[0] == "fedpeft" for name in sys.modules)
 print("\nRESULT " + json.dumps(result))  # own line: a refused prompt leaves text before it
 """
 
 
+def case_id(family: str, method: str) -> str:
+    return f"{family}/{method}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, toy_data) -> dict[str, Path]:
-    """One finished tiny run per method (1 round; autofednlp 3, growing its adapters)."""
+    """One finished tiny run per family and method (1 round; autofednlp 3, growing its
+    adapters)."""
     root = tmp_path_factory.mktemp("export_runs")
     folders = {}
-    for method in METHODS:
-        config = root / f"{method}.yaml"
-        settings = {"rounds": 1, **SETTINGS.get(method, {})}
+    for family, method in CASES:
+        config = root / f"{family}-{method}.yaml"
+        model = "tiny" if family == "bert" else f"tiny-{family}"
+        settings = {"rounds": 1, "model": model, **SETTINGS.get(method, {})}
+        if family != "bert":  # the full-size toy data stays with BERT, the reference case
+            settings.update(max_train_samples=120, max_test_samples=32)
         config.write_text(yaml.safe_dump(tiny_config(toy_data, method=method, **settings)))
-        folders[method] = root / method
-        assert main(["run", str(config), "--out", str(folders[method]), "--quiet"]) == 0
+        folder = folders[case_id(family, method)] = root / f"{family}-{method}"
+        assert main(["run", str(config), "--out", str(folder), "--quiet"]) == 0
     return folders
 
 
@@ -95,9 +116,9 @@ def runs(tmp_path_factory, toy_data) -> dict[str, Path]:
 def exported(runs, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     root = tmp_path_factory.mktemp("exports")
     folders = {}
-    for method, run in runs.items():
-        result = export.export_run(run, root / method)
-        folders[method] = (result.out, result.kind)
+    for case, run in runs.items():
+        result = export.export_run(run, root / case.replace("/", "-"))
+        folders[case] = (result.out, result.kind)
     return folders
 
 
@@ -106,7 +127,7 @@ def loaded_elsewhere(exported, tmp_path_factory) -> dict:
     """What a fresh interpreter without fedpeft computes from the exports."""
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path_factory.mktemp("hf_modules")))
     env.pop("PYTHONPATH", None)
-    specs = {m: (str(folder), kind) for m, (folder, kind) in exported.items()}
+    specs = {case: (str(folder), kind) for case, (folder, kind) in exported.items()}
     done = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(specs), json.dumps(TEXTS)],
         capture_output=True,
@@ -114,33 +135,37 @@ def loaded_elsewhere(exported, tmp_path_factory) -> dict:
         env=env,
         cwd=tmp_path_factory.mktemp("elsewhere"),
         stdin=subprocess.DEVNULL,
-        timeout=600,
+        timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(line.removeprefix("RESULT "))
 
 
-def test_export_loads_without_fedpeft(loaded_elsewhere):
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_export_loads_without_fedpeft(family, loaded_elsewhere):
     assert loaded_elsewhere["fedpeft_imported"] is False
-    assert loaded_elsewhere["stock_load"] != "loaded"
+    stock = loaded_elsewhere["stock_load"][case_id(family, "full")]
+    assert stock != "loaded"
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_exported_model_gives_the_runs_logits(method, runs, exported, loaded_elsewhere):
-    run = export.load_run_model(runs[method])
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_exported_model_gives_the_runs_logits(family, method, runs, loaded_elsewhere):
+    run = export.load_run_model(runs[case_id(family, method)])
     assert run.weights.name == "best.safetensors"  # validation is on: best weights by default
     expected = export.logits(run, TEXTS)
-    got = loaded_elsewhere[method]
+    got = loaded_elsewhere[case_id(family, method)]
     assert torch.allclose(torch.tensor(got["logits"]), expected, atol=1e-5)
-    # one row alone or padded in a batch: the same answer (mean pooling ignores padding)
+    # one row alone or padded in a batch: the same answer (pooling ignores padding)
     assert torch.allclose(torch.tensor(got["alone"]), expected, atol=1e-5)
     assert got["labels"] == LABELS
+    # the rows differ: equal logits are not an artefact of a constant model
+    assert not torch.allclose(expected[0], expected[1], atol=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_export_folder_layout(method, exported):
-    folder, kind = exported[method]
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_export_folder_layout(family, method, exported):
+    folder, kind = exported[case_id(family, method)]
     model_folder = folder / export.BASE_FOLDER if method in export.PEFT_METHODS else folder
     assert kind == ("peft adapter" if method in export.PEFT_METHODS else "transformers model")
     if method in export.PEFT_METHODS:
@@ -149,36 +174,48 @@ def test_export_folder_layout(method, exported):
         assert adapter["task_type"] == "SEQ_CLS"
         assert adapter["base_model_name_or_path"] == str(model_folder.resolve())
     config = json.loads((model_folder / "config.json").read_text())
-    assert config["model_type"] == "fedpeft_bert" and config["pooling"] == "mean"
+    model_type = family  # each tiny model's transformers model type is its family's name
+    assert config["model_type"] == f"fedpeft_{model_type}"
+    assert config["pooling"] == ("last" if family in DECODERS else "mean")
     assert "AutoModelForSequenceClassification" in config["auto_map"]
-    assert (model_folder / export.MODELING_FILE).is_file()
-    assert "trust_remote_code=True" in (folder / "README.md").read_text()
+    modeling = model_folder / f"modeling_fedpeft_{model_type}.py"
+    assert modeling.is_file() and "import fedpeft" not in modeling.read_text()
+    readme = (folder / "README.md").read_text()
+    assert "trust_remote_code=True" in readme and modeling.name in readme
     tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
     assert tokenizer["model_max_length"] == 24  # the run's max_seq_len
+    if family in DECODERS:  # decoders pad on the right, with the pad token the run used
+        assert tokenizer["padding_side"] == "right"
+        assert config["pad_token_id"] is not None
 
 
 def test_adapter_export_records_its_sites(exported, runs):
-    config = json.loads((exported["adapter"][0] / "config.json").read_text())
+    config = json.loads((exported["bert/adapter"][0] / "config.json").read_text())
     assert config["bottleneck_adapters"] == [
-        {"module": f"encoder.layer.{i}.output", "width": 64, "activation": "relu"} for i in (0, 1)
+        {"module": f"bert.encoder.layer.{i}.output.dense", "width": 64, "activation": "relu"}
+        for i in (0, 1)
+    ]
+    config = json.loads((exported["gpt2/adapter"][0] / "config.json").read_text())
+    assert [site["module"] for site in config["bottleneck_adapters"]] == [
+        f"transformer.h.{i}.mlp.c_proj" for i in (0, 1)
     ]
     # autofednlp: the layout of the exported (best) round, whatever the run started with
-    rows = [
-        json.loads(line) for line in (runs["autofednlp"] / "metrics.jsonl").read_text().splitlines()
-    ]
-    best = max(rows, key=lambda row: row["val_accuracy"])
-    sites = json.loads((exported["autofednlp"][0] / "config.json").read_text())
-    sites = sites["bottleneck_adapters"]
-    assert len(sites) == best["depth"] and all(s["width"] == best["width"] for s in sites)
+    for family in ("bert", "llama"):
+        run = runs[case_id(family, "autofednlp")]
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        best = max(rows, key=lambda row: row["val_accuracy"])
+        folder = exported[case_id(family, "autofednlp")][0]
+        sites = json.loads((folder / "config.json").read_text())["bottleneck_adapters"]
+        assert len(sites) == best["depth"] and all(s["width"] == best["width"] for s in sites)
 
 
 def test_export_cli_weights_choice_and_refusals(runs, tmp_path, capsys):
     out = tmp_path / "final"
-    assert main(["export", str(runs["bitfit"]), "--out", str(out), "--weights", "final"]) == 0
+    assert main(["export", str(runs["bert/bitfit"]), "--out", str(out), "--weights", "final"]) == 0
     printed = capsys.readouterr().out
     assert "weights.safetensors" in printed and "trust_remote_code=True" in printed
     assert (out / "model.safetensors").is_file()
-    assert main(["export", str(runs["bitfit"]), "--out", str(out)]) == 2  # not empty
+    assert main(["export", str(runs["bert/bitfit"]), "--out", str(out)]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
 
 
@@ -205,11 +242,11 @@ def test_method_without_export_is_one_line(tmp_path, toy_data, capsys):
 
 
 def test_predict_prints_label_and_probability(runs, exported, loaded_elsewhere, capsys, tmp_path):
-    run = str(runs["lora"])
+    run = str(runs["bert/lora"])
     assert main(["predict", run, "--text", TEXTS[0], "--text", TEXTS[1]]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
-    logits = torch.tensor(loaded_elsewhere["lora"]["logits"])
+    logits = torch.tensor(loaded_elsewhere["bert/lora"]["logits"])
     for line, text, row in zip(lines, TEXTS, logits, strict=False):
         label, prob, shown = line.split("\t")
         assert label == LABELS[int(row.argmax())]
@@ -222,7 +259,7 @@ def test_predict_prints_label_and_probability(runs, exported, loaded_elsewhere, 
 
 
 def test_predict_input_errors_are_one_line(runs, tmp_path, capsys):
-    run = str(runs["lora"])
+    run = str(runs["bert/lora"])
     assert main(["predict", run]) == 2
     assert "--text" in capsys.readouterr().err
     rows = tmp_path / "rows.jsonl"

@@ -110,23 +110,42 @@ def _drop_token_types(model: nn.Module, args, kwargs):
 
 def use_pooling(model: nn.Module, family: Family, pooling: str) -> None:
     """Give the task model ``family``'s input handling and the chosen pooling (module docstring)."""
-    if not family.token_types:  # on the backbone: peft's prefix-tuning may call it directly
-        model.get_submodule(family.backbone).register_forward_pre_hook(
-            _drop_token_types, with_kwargs=True
-        )
-    if pooling == "cls" and family.decoder:
+    if family.pooler is not None and pooling not in ("mean", "cls"):
+        raise ValueError(f"{family.name} supports pooling 'mean' or 'cls', not '{pooling}'")
+    attach_pooling(
+        model,
+        pooling,
+        backbone=family.backbone,
+        pooler=family.pooler,
+        token_types=family.token_types,
+        decoder=family.decoder,
+    )
+
+
+def attach_pooling(
+    model: nn.Module,
+    pooling: str,
+    *,
+    backbone: str,
+    pooler: str | None,
+    token_types: bool,
+    decoder: bool,
+) -> None:
+    """``use_pooling`` with the family's fields as plain arguments: an exported model's code
+    carries this function as it is, so it pools exactly as the run's model did."""
+    if not token_types:  # on the backbone: peft's prefix-tuning may call it directly
+        model.get_submodule(backbone).register_forward_pre_hook(_drop_token_types, with_kwargs=True)
+    if pooling == "cls" and decoder:
         pooling = "last"
     if pooling == "cls":
         return
-    if family.pooler is not None:  # BERT: its [CLS] pooler is replaced
-        if pooling != "mean":
-            raise ValueError(f"{family.name} supports pooling 'mean' or 'cls', not '{pooling}'")
-        encoder_path, _, attr = family.pooler.rpartition(".")
+    if pooler is not None:  # BERT: its [CLS] pooler is replaced
+        encoder_path, _, attr = pooler.rpartition(".")
         encoder = model.get_submodule(encoder_path)
         setattr(encoder, attr, MaskedMeanPooler())
         encoder.register_forward_pre_hook(_remember_mask, with_kwargs=True)
         return
-    backbone = model.get_submodule(family.backbone)
-    setattr(backbone, ATTACHED, MaskedMeanPooler() if pooling == "mean" else LastTokenPooler())
-    backbone.register_forward_pre_hook(_remember_mask_attached, with_kwargs=True)
-    backbone.register_forward_hook(_pool_output, with_kwargs=True)
+    base = model.get_submodule(backbone)
+    setattr(base, ATTACHED, MaskedMeanPooler() if pooling == "mean" else LastTokenPooler())
+    base.register_forward_pre_hook(_remember_mask_attached, with_kwargs=True)
+    base.register_forward_hook(_pool_output, with_kwargs=True)

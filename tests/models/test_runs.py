@@ -1,5 +1,5 @@
 """Every PEFT method, C2A and FibecFed for a round in the embedded engine, on each model family;
-predictions from a run of another family, and export's refusal for it."""
+predictions from a run of another family (tests/test_export.py exports every family)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from fedpeft.config import build_config, dump_config
 from fedpeft.engine.local import EmbeddedEngine
-from fedpeft.export import ExportError, export_run, load_run_model, predict
+from fedpeft.export import load_run_model, predict
 from fedpeft.job import build_job
 from fedpeft.models import FAMILIES, ModelError
 from fedpeft.runs import RunDir
@@ -68,10 +68,8 @@ def test_fibecfed_runs_on_every_family(tmp_path, toy_data, name):
     assert summary["rounds_completed"] == 2
 
 
-def test_a_decoder_run_predicts_and_export_says_it_cannot(tmp_path, toy_data):
+def test_a_decoder_run_predicts(tmp_path, toy_data):
     _, run = run_once(tmp_path / "run", **one_round(toy_data, "llama", method="lora"))
     model = load_run_model(run.path)
     rows = predict(model, ["the football team won the match", "shares fell"])
     assert len(rows) == 2 and all(label in model.label_names for label, _ in rows)
-    with pytest.raises(ExportError, match="llama"):
-        export_run(run.path, tmp_path / "exported")
