@@ -93,6 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     new_yaml = None
     if args.resume:
         run_dir = RunDir.open(Path(args.resume))
+        if (run_dir.path / DEPLOYMENT_FILE).is_file():  # started on Flower deployment: resume there
+            return _resume_deployment(args, run_dir)
         if args.config:
             raise ConfigError("--resume continues a run as configured; drop CONFIG")
         if args.out:
@@ -117,6 +119,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_text(run_dir.config_path, new_yaml)  # atomic: the old or the new file, never half
         print(f"rounds raised to {config.rounds} in {run_dir.config_path}", file=sys.stderr)
     return _execute(job, run_dir, quiet=args.quiet)
+
+
+def _resume_deployment(args: argparse.Namespace, run_dir) -> int:
+    """``fedpeft run --resume`` of a run started with ``fedpeft flower local``: the same."""
+    from fedpeft.config import ConfigError
+
+    started = json.loads((run_dir.path / DEPLOYMENT_FILE).read_text())
+    if started["started_with"] != "fedpeft flower local":
+        raise ConfigError(
+            f"{run_dir.path} is deployed on your SuperLink: resume it with `{started['resume']}`"
+        )
+    print(
+        f"{run_dir.path} was started with {started['started_with']}: resuming it there",
+        file=sys.stderr,
+    )
+    local = argparse.Namespace(
+        config=args.config,
+        set=args.set,
+        out=args.out,
+        resume=args.resume,
+        nodes=int(started["nodes"]),
+        timeout=3600.0,
+    )
+    return cmd_flower_local(local)
 
 
 def _execute(job, run_dir, quiet: bool) -> int:
@@ -404,13 +430,20 @@ def _flower_run(config, out: str | None):
 
 def cmd_flower_prepare(args: argparse.Namespace) -> int:
     """Write the Flower app for a deployment and print the commands that run it."""
+    import shlex
+
     from fedpeft.engine.flower_deploy import deployment_commands, read_credentials, write_app
+    from fedpeft.runs import write_json
 
     config = _flower_config(args)
     creds = None if config.flower.insecure else read_credentials(Path(args.certs))
     run_dir = _flower_run(config, args.out)
     app_dir = Path(args.app or f"{run_dir.path}-flower-app")
     app = write_app(app_dir, config, run_dir.path, creds.ca_cert if creds else None)
+    home = shlex.quote(str((app / "flwr-home").resolve()))
+    resume = f"FLWR_HOME={home} flwr run {shlex.quote(str(app))} fedpeft --stream"
+    started = {"started_with": "fedpeft flower prepare", "resume": resume}
+    write_json(run_dir.path / DEPLOYMENT_FILE, started)
     print(f"Flower app: {app}\nrun folder (on the SuperLink host): {run_dir.path}\n")
     print(deployment_commands(app, config, creds), end="")
     return 0
@@ -430,17 +463,48 @@ def cmd_flower_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_flower_local(args: argparse.Namespace) -> int:
-    """The run as a real deployment on this machine: a SuperLink and SuperNode processes."""
+DEPLOYMENT_FILE = "deployment.json"  # in a deployed run's folder: how it was started
+
+
+def _flower_local_resume(args: argparse.Namespace):
+    """The config and run folder of an interrupted ``fedpeft flower local`` run."""
     from fedpeft.config import ConfigError
+    from fedpeft.runs import RunDir, write_text
+
+    run_dir = RunDir.open(Path(args.resume))
+    if args.config or args.out:
+        raise ConfigError(
+            "--resume continues the run as configured, in its folder; drop CONFIG/--out"
+        )
+    config, new_yaml = _resume_config(run_dir, args.set)
+    if config.engine != "flower":
+        raise ConfigError(f"{run_dir.path} is an embedded run: resume it with fedpeft run --resume")
+    if new_yaml is not None:
+        write_text(run_dir.config_path, new_yaml)
+    return config, run_dir
+
+
+def cmd_flower_local(args: argparse.Namespace) -> int:
+    """The run as a real deployment on this machine: a SuperLink and SuperNode processes.
+    Ctrl-C stops every process (the SuperLink first), keeps the completed rounds and prints the
+    command that resumes the run on a local deployment again."""
+    from fedpeft.config import ConfigError
+    from fedpeft.engine.flower import check_supported
     from fedpeft.engine.flower_deploy import (
         FlowerError,
         LocalFederation,
         make_credentials,
         write_app,
     )
+    from fedpeft.runs import write_json
 
-    config = _flower_config(args)
+    if args.resume:
+        config, run_dir = _flower_local_resume(args)
+        check_supported(config, simulation=False)
+    elif not args.config:
+        raise ConfigError("fedpeft flower local needs a CONFIG file (or --resume DIR)")
+    else:
+        config = _flower_config(args)
     if args.nodes < 1:
         raise ConfigError(f"--nodes: {args.nodes}; a federation needs at least 1 SuperNode")
     if config.flower.min_nodes > args.nodes:
@@ -448,7 +512,12 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
             f"flower.min_nodes: the run waits for {config.flower.min_nodes} SuperNodes, but "
             f"--nodes starts {args.nodes}"
         )
-    run_dir = _flower_run(config, args.out)
+    if not args.resume:
+        run_dir = _flower_run(config, args.out)
+        write_json(
+            run_dir.path / DEPLOYMENT_FILE,
+            {"started_with": "fedpeft flower local", "nodes": args.nodes},
+        )
     work = Path(f"{run_dir.path}-flower")
     app = write_app(work / "app", config, run_dir.path)
     creds = None
@@ -461,6 +530,14 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
     except FlowerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every process is stopped by now (the federation's exit)
+        done = run_dir.load_checkpoint()
+        print(
+            f"interrupted after {done.round if done else 0} completed round(s); continue with: "
+            f"fedpeft flower local --resume {run_dir.path} --nodes {args.nodes}",
+            file=sys.stderr,
+        )
+        return 130
     if not run_dir.summary_path.is_file():
         print(f"error: the run did not finish; see the logs in {work}", file=sys.stderr)
         return 2
@@ -592,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     local = flower_sub.add_parser(
         "local", help="deploy on this machine: SuperLink + SuperNodes on 127.0.0.1, then run"
     )
+    prepare.add_argument("config", help="YAML config file")
+    local.add_argument("config", nargs="?", help="YAML config file")
     for cmd in (prepare, local):
-        cmd.add_argument("config", help="YAML config file")
         cmd.add_argument("--set", action="append", metavar="KEY=VALUE")
         cmd.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
     prepare.add_argument("--app", help="Flower app folder (default: <out>-flower-app)")
@@ -602,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.set_defaults(func=cmd_flower_prepare)
     local.add_argument("--nodes", type=int, default=2, help="SuperNode processes")
+    local.add_argument(
+        "--resume", metavar="DIR", help="continue an interrupted `fedpeft flower local` run"
+    )
     local.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
     local.set_defaults(func=cmd_flower_local)
     certs = flower_sub.add_parser(

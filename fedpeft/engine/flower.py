@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -168,6 +170,63 @@ def make_client_app(config_yaml: str | None = None) -> ClientApp:
 
 
 # -- server side ----------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """The run was asked to stop (Ctrl-C): the round in progress is dropped, never recorded."""
+
+
+class StoppableGrid(Grid):
+    """``grid``, but every call first checks ``stop`` and raises ``Interrupted`` once it is set;
+    waiting for replies polls, so an interrupted round ends within ``poll_s`` instead of waiting
+    out its timeout."""
+
+    def __init__(self, grid: Grid, stop: threading.Event, poll_s: float = 0.1) -> None:
+        self.grid, self.stop, self.poll_s = grid, stop, poll_s
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("the run was interrupted")
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self.check()
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):
+        self.check()
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self.check()
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.check()
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if pending:
+                self.stop.wait(self.poll_s)
+        return replies
+
+
 def connected_nodes(grid: Grid, minimum: int, wait_s: float | None = None) -> list[int]:
     """The connected SuperNodes (sorted), once at least ``minimum`` are there; after ``wait_s``
     seconds (None: no limit) whatever is connected, possibly none."""
@@ -195,8 +254,10 @@ class FedpeftStrategy(Strategy):
         state: RunState,
         min_nodes: int,
         on_event: ProgressHook,
+        stop: threading.Event | None = None,
     ) -> None:
         self.job, self.config, self.method = job, job.config, job.method
+        self.stop = stop or threading.Event()
         self.run_dir = run_dir
         self.state = state
         self.first_round = state.done + 1
@@ -305,6 +366,8 @@ class FedpeftStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.stop.is_set():  # replies cut short by the interrupt: not a round
+            raise Interrupted("the run was interrupted")
         report = self.report
         report.train_wall_s = time.perf_counter() - self.sent_at  # waiting on the clients
         self.client_wall = {"start-s": [], "load-s": [], "train-s": []}
@@ -351,6 +414,8 @@ class FedpeftStrategy(Strategy):
         """Evaluate the new global state and write the round's row, checkpoint and summary."""
         if server_round == 0:
             return None  # Flower's look at the starting weights; fedpeft rows start at round 1
+        if self.stop.is_set():  # the round is redone on resume, never recorded half-known
+            raise Interrupted("the run was interrupted")
         load_trainable_state(self.job.model, self.global_state)
         row = skeleton.finish_round(
             self.job, self.run_dir, self.state, self.report, self.started, self.on_event
@@ -365,16 +430,20 @@ def serve(
     run_dir: RunDir,
     min_nodes: int = 1,
     on_event: ProgressHook | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary."""
+    """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary.
+    Once ``stop`` is set it raises ``Interrupted`` within a fraction of a second, having recorded
+    only complete rounds."""
     config = job.config
     on_event = on_event or (lambda _kind, _info: None)
+    stop = stop or threading.Event()
     state = skeleton.start_run(job, run_dir, on_event)
     load_trainable_state(job.model, state.global_state)
-    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event)
+    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, stop)
     if state.done < config.rounds:
         strategy.start(
-            grid,
+            StoppableGrid(grid, stop),
             ArrayRecord.from_torch_state_dict(state.global_state),
             num_rounds=config.rounds - state.done,
             timeout=config.flower.round_timeout_s,
@@ -430,27 +499,49 @@ class FlowerEngine:
         }
 
     def run(self) -> dict[str, Any]:
+        """The whole run; Ctrl-C (SIGINT) stops it within seconds, keeping only complete rounds,
+        and raises KeyboardInterrupt once everything it started has stopped."""
         from flwr.simulation import run_simulation
 
         outcome: dict[str, Any] = {}
+        stop = threading.Event()
         server_app = ServerApp()
 
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
+            outcome["thread"] = threading.current_thread()
             try:
                 outcome["summary"] = serve(
-                    grid, self.job, self.run_dir, self.config.num_clients, self.on_event
+                    grid, self.job, self.run_dir, self.config.num_clients, self.on_event, stop
                 )
+            except Interrupted:
+                log.info("interrupted: the round in progress is not recorded")
             finally:  # Ray's processes, while they are still ours to name
                 outcome["ray"] = psutil.Process().children(recursive=True)
 
-        run_simulation(
-            server_app,
-            make_client_app(dump_config(self.config)),
-            num_supernodes=self.config.num_clients,
-            backend_config=self.backend_config(),
-        )
-        stop_leftovers(outcome.get("ray", []))
+        def on_sigint(signum, frame) -> None:  # the server thread stops at its next check
+            stop.set()
+            raise KeyboardInterrupt
+
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+        try:
+            run_simulation(
+                server_app,
+                make_client_app(dump_config(self.config)),
+                num_supernodes=self.config.num_clients,
+                backend_config=self.backend_config(),
+            )
+        except KeyboardInterrupt:
+            stop.set()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+            if "thread" in outcome:  # the ServerApp's thread: ends at its next check of stop
+                outcome["thread"].join()
+            stop_leftovers([*outcome.get("ray", []), *psutil.Process().children(recursive=True)])
+        if stop.is_set():
+            raise KeyboardInterrupt
         if "summary" not in outcome:
             raise RuntimeError("the Flower simulation ended without finishing the run")
         return outcome["summary"]

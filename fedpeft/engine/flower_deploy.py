@@ -321,7 +321,9 @@ class LocalFederation:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for proc in [*self.nodes, self.superlink]:
+        # The SuperLink (and the ServerApp process it started) first: a ServerApp that outlived
+        # its nodes could record a round whose clients were stopped under it.
+        for proc in [self.superlink, *self.nodes]:
             if proc is not None:
                 stop_process(proc)
         self.nodes = []
@@ -330,8 +332,15 @@ class LocalFederation:
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
         log = self.work / f"{name}.log"
         with open(log, "ab") as out:
+            # A session of its own: Ctrl-C in the terminal reaches fedpeft alone, which then stops
+            # every process in order (see __exit__).
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.work
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.work,
+                start_new_session=True,
             )
         self.logs[proc.pid] = log
         return proc
@@ -370,6 +379,7 @@ class LocalFederation:
                 capture_output=True,
                 text=True,
                 timeout=timeout,
+                start_new_session=True,
             )
         except subprocess.TimeoutExpired as err:
             raise FlowerError(f"flwr {args[0]} took more than {timeout:.0f}s") from err
