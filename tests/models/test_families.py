@@ -163,6 +163,48 @@ def test_llama_cost_by_hand():
     assert _head_flops(dims) == 2 * 64 * 3  # score only: no h x h layer
 
 
+# per token, one layer's matrices (h 64, i 128; LLaMA: 1 key/value head of width 32, a gate)
+# and the head's (3 labels): the numbers written out, family by family
+BY_HAND = {
+    "bert": (4 * 64 * 64 + 2 * 64 * 128, 64 * 64 + 64 * 3),  # pooler counted (docs)
+    "roberta": (4 * 64 * 64 + 2 * 64 * 128, 64 * 64 + 64 * 3),  # classifier.dense + out_proj
+    "distilbert": (4 * 64 * 64 + 2 * 64 * 128, 64 * 64 + 64 * 3),  # pre_classifier + classifier
+    "gpt2": (4 * 64 * 64 + 2 * 64 * 128, 64 * 3),  # fused c_attn is 64 x 192; score only
+    "llama": (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128, 64 * 3),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cost_by_hand_for_each_family(name):
+    model, _ = tiny(name, labels=3)
+    dims = ModelDims.from_hf_config(model.config, num_labels=3)
+    layer, head = BY_HAND[name]
+    assert _matmul_flops(dims, 1) == 2 * layer
+    assert _head_flops(dims) == 2 * head
+
+
+def test_cost_of_real_sized_decoders_by_hand():
+    """GPT-2 small (n_inner unset: 4h) and a SmolLM2-135M-shaped LLaMA (9 heads, 3 key/value
+    heads, gated MLP), per token and layer, against the counts written out."""
+    from transformers import GPT2Config, LlamaConfig
+
+    gpt2 = ModelDims.from_hf_config(GPT2Config(), num_labels=4)
+    assert (gpt2.num_layers, gpt2.hidden, gpt2.intermediate) == (12, 768, 3072)
+    assert _matmul_flops(gpt2, 1) == 2 * (4 * 768**2 + 2 * 768 * 3072)
+    llama = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    )
+    dims = ModelDims.from_hf_config(llama, num_labels=4)
+    assert dims.kv_width == 192
+    assert _matmul_flops(dims, 1) == 2 * (2 * 576**2 + 2 * 576 * 192 + 3 * 576 * 1536)
+    assert _matmul_flops(dims, 1) == 7_077_888
+
+
 def test_unsupported_architecture_is_refused_in_one_line(tmp_path):
     GPTNeoConfig(
         num_layers=2, hidden_size=32, num_heads=2, attention_types=[[["global"], 2]]
