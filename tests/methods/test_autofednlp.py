@@ -257,13 +257,35 @@ def test_default_budget_gives_every_candidate_rounds_per_period(dims):
 def test_default_budget_on_the_tiny_model_end_to_end(tmp_path, toy_data):
     """A new user's run: no tau given, one trial period; every candidate runs >= 20 rounds and
     the period costs what its budget says, not thousands of rounds."""
-    config = _auto_config(toy_data, rounds=1, autofednlp={"start_depth": 1})
-    _, run = run_once(tmp_path / "auto", **config)
+    from fedpeft.config import dump_config
+    from fedpeft.engine.local import EmbeddedEngine
+    from fedpeft.job import build_job
+    from fedpeft.progress import RunProgress
+    from fedpeft.runs import RunDir
+
+    cfg = build_config(_auto_config(toy_data, rounds=1, autofednlp={"start_depth": 1}))
+    run = RunDir.create(tmp_path / "auto", dump_config(cfg))
+    events = []
+    screen = RunProgress(cfg.rounds, cfg.clients_per_round, enabled=False)
+
+    def on_event(kind, info):
+        events.append((kind, dict(info)))
+        screen.event(kind, info)
+
+    EmbeddedEngine(build_job(cfg), run, on_event=on_event).run()
     (trial,) = [json.loads(line) for line in (run.path / "trials.jsonl").read_text().splitlines()]
     assert trial["rounds_per_period"] == 20 and trial["tau_s"] > 0
     assert trial["budget_s"] == pytest.approx(trial["tau_s"] * 5)
     rounds = [c["rounds"] for c in trial["candidates"]]
     assert min(rounds) >= 20 and max(rounds) < 200, rounds
+    # the screen hears of every round of every candidate, and of each candidate's end
+    ends = [info for kind, info in events if kind == "trial_end"]
+    assert [(e["candidate"], e["rounds"]) for e in ends] == [
+        (c["name"], c["rounds"]) for c in trial["candidates"]
+    ]
+    progress = [info for kind, info in events if kind == "trial"]
+    assert len(progress) == sum(rounds)
+    assert all(0 <= p["sim_time_s"] < p["budget_s"] == trial["budget_s"] for p in progress)
 
 
 def test_without_stored_activations_same_simulated_run(tmp_path, toy_data):
