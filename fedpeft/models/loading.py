@@ -115,7 +115,11 @@ def _from_checkpoint(spec: str, source: str, num_labels: int) -> nn.Module:
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True
+            source,
+            num_labels=num_labels,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            dtype=torch.float32,  # not the checkpoint's own (often bfloat16): fedpeft runs fp32
         )
     except Exception as err:
         raise ModelError(f"cannot load model '{spec}': {_first_line(err)}") from err

@@ -241,6 +241,18 @@ def test_a_head_of_another_size_starts_fresh_with_a_note(tmp_path, caplog):
     )
 
 
+def test_a_half_precision_checkpoint_trains_in_fp32(tmp_path):
+    """Decoder checkpoints are often saved in bfloat16; fedpeft computes (and counts bytes) in
+    fp32, so the weights are widened on load instead of kept in the checkpoint's dtype."""
+    model, tokenizer = tiny("llama", labels=3)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path), 3)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    weight = loaded.get_submodule("model.embed_tokens").weight
+    assert torch.equal(weight, model.get_submodule("model.embed_tokens").weight.float())
+
+
 def test_a_decoder_tokenizer_without_pad_token_pads_with_its_end_token():
     model, tokenizer = tiny("gpt2")
     tokenizer = copy.deepcopy(tokenizer)
