@@ -106,7 +106,7 @@ class RunProgress:
             )
         elif kind == "round_start":
             self.clock.round_start()
-            self.progress.reset(self.clients_task, status="")
+            self.progress.reset(self.clients_task, status="", eta="")  # reset replaces the fields
         elif kind == "client":
             self.clock.client(info["done"])
             self.progress.update(

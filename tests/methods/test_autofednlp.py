@@ -286,6 +286,7 @@ def test_default_budget_on_the_tiny_model_end_to_end(tmp_path, toy_data):
     progress = [info for kind, info in events if kind == "trial"]
     assert len(progress) == sum(rounds)
     assert all(0 <= p["sim_time_s"] < p["budget_s"] == trial["budget_s"] for p in progress)
+    screen.progress.make_tasks_table(screen.progress.tasks)  # every column still renders
 
 
 def test_without_stored_activations_same_simulated_run(tmp_path, toy_data):
