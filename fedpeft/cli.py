@@ -139,7 +139,7 @@ def _resume_deployment(args: argparse.Namespace, run_dir) -> int:
         set=args.set,
         out=args.out,
         resume=args.resume,
-        nodes=int(started["nodes"]),
+        nodes=None,
         timeout=3600.0,
     )
     return cmd_flower_local(local)
@@ -433,11 +433,16 @@ def cmd_flower_prepare(args: argparse.Namespace) -> int:
     import shlex
 
     from fedpeft.engine.flower_deploy import deployment_commands, read_credentials, write_app
-    from fedpeft.runs import write_json
+    from fedpeft.runs import RunDir, write_json
 
     config = _flower_config(args)
+    from fedpeft.config import dump_config
+    from fedpeft.engine.flower_data import read_server_rows
+
     creds = None if config.flower.insecure else read_credentials(Path(args.certs))
-    run_dir = _flower_run(config, args.out)
+    read_server_rows(config)  # the server's data: test (+ validation) rows and labels.json
+    out = Path(args.out) if args.out else _default_out(config.run_name())
+    run_dir = RunDir.create(out, dump_config(config))
     app_dir = Path(args.app or f"{run_dir.path}-flower-app")
     app = write_app(app_dir, config, run_dir.path, creds.ca_cert if creds else None)
     home = shlex.quote(str((app / "flwr-home").resolve()))
@@ -490,6 +495,7 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
     command that resumes the run on a local deployment again."""
     from fedpeft.config import ConfigError
     from fedpeft.engine.flower import check_supported
+    from fedpeft.engine.flower_data import split_for_nodes
     from fedpeft.engine.flower_deploy import (
         FlowerError,
         LocalFederation,
@@ -505,27 +511,36 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
         raise ConfigError("fedpeft flower local needs a CONFIG file (or --resume DIR)")
     else:
         config = _flower_config(args)
-    if args.nodes < 1:
-        raise ConfigError(f"--nodes: {args.nodes}; a federation needs at least 1 SuperNode")
-    if config.flower.min_nodes > args.nodes:
+    nodes = config.num_clients if args.nodes is None else args.nodes
+    if nodes != config.num_clients:
+        raise ConfigError(
+            f"--nodes: {nodes}, but num_clients is {config.num_clients}: each node owns one "
+            "client's share of the data"
+        )
+    if config.flower.min_nodes > nodes:
         raise ConfigError(
             f"flower.min_nodes: the run waits for {config.flower.min_nodes} SuperNodes, but "
-            f"--nodes starts {args.nodes}"
+            f"--nodes starts {nodes}"
         )
     if not args.resume:
         run_dir = _flower_run(config, args.out)
         write_json(
             run_dir.path / DEPLOYMENT_FILE,
-            {"started_with": "fedpeft flower local", "nodes": args.nodes},
+            {"started_with": "fedpeft flower local", "nodes": nodes},
         )
     work = Path(f"{run_dir.path}-flower")
-    app = write_app(work / "app", config, run_dir.path)
+    # Each node's share of the partition into its own folder; the server keeps test/validation.
+    server_config, node_data = split_for_nodes(config, work / "data")
+    flower = server_config.flower.model_copy(update={"min_nodes": nodes})
+    app = write_app(work / "app", server_config.model_copy(update={"flower": flower}), run_dir.path)
     creds = None
     if not config.flower.insecure:
-        creds = make_credentials(work / "credentials", num_nodes=args.nodes)
+        creds = make_credentials(work / "credentials", num_nodes=nodes)
     try:
-        with LocalFederation(work, args.nodes, creds) as federation:
-            print(f"SuperLink on {federation.address}, {args.nodes} SuperNodes; logs in {work}")
+        with LocalFederation(work, nodes, creds, node_data) as federation:
+            print(
+                f"SuperLink on {federation.address}, {nodes} SuperNodes, each on its own data in {work / 'data'}; logs in {work}"
+            )
             federation.run(app, timeout=args.timeout)
     except FlowerError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -534,7 +549,7 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
         done = run_dir.load_checkpoint()
         print(
             f"interrupted after {done.round if done else 0} completed round(s); continue with: "
-            f"fedpeft flower local --resume {run_dir.path} --nodes {args.nodes}",
+            f"fedpeft flower local --resume {run_dir.path}",
             file=sys.stderr,
         )
         return 130
@@ -679,7 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--certs", default="flower-certs", help="folder from `fedpeft flower certs`"
     )
     prepare.set_defaults(func=cmd_flower_prepare)
-    local.add_argument("--nodes", type=int, default=2, help="SuperNode processes")
+    local.add_argument(
+        "--nodes", type=int, help="SuperNode processes, one per client (default: num_clients)"
+    )
     local.add_argument(
         "--resume", metavar="DIR", help="continue an interrupted `fedpeft flower local` run"
     )

@@ -9,9 +9,11 @@ trainable tensors travel, as ``ArrayRecord``s; the bytes counted are the safeten
 those tensors (``fedpeft.payload``), exactly what the embedded engine counts, so the two engines
 report the same traffic.
 
-Messages carry the logical client id, so any node can serve any client: the server spreads a
-round's clients over the connected nodes in turn, and a client trains identically wherever it
-runs. A round waits at most ``flower.round_timeout_s``; clients that do not answer in time (a
+In simulation, messages carry the logical client id, so any node can serve any client: the
+server spreads a round's clients over the connected nodes in turn, and a client trains
+identically wherever it runs. In a deployment each node owns its rows and is one client
+(``fedpeft.engine.flower_data``): the nodes describe their data before round 1 and each round
+samples among them. A round waits at most ``flower.round_timeout_s``; clients that do not answer in time (a
 node died, a reply failed) are left out of the aggregate and listed in the metrics row as
 ``clients_failed``.
 
@@ -23,12 +25,15 @@ simulation runtime in this process (``engine: flower``); ``fedpeft.engine.flower
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 # Flower and Ray read these when imported: no telemetry, no update check (both would try the
@@ -41,6 +46,7 @@ FLOWER_ENV = {
 }
 os.environ.update(FLOWER_ENV)
 
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -60,6 +66,7 @@ from flwr.serverapp.strategy import Strategy  # noqa: E402
 from fedpeft import cost, payload  # noqa: E402
 from fedpeft.client import LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config, dump_config  # noqa: E402
+from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
 from fedpeft.job import Job, build_job  # noqa: E402
@@ -106,36 +113,49 @@ _STORES: dict[
 ] = {}  # the clients' persistent tensors kept by this node process
 
 
-def client_job(config_yaml: str) -> tuple[Job, float, float]:
+def _key(*parts: object) -> str:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def client_job(config_yaml: str, node: tuple | None = None) -> tuple[Job, float, float]:
     """The process's job for this config, plus where a first message's time went: seconds from
-    process start to now (interpreter, imports) and seconds building the job (0, 0 when cached)."""
-    key = hashlib.sha256(config_yaml.encode()).hexdigest()
+    process start to now (interpreter, imports) and seconds building the job (0, 0 when cached).
+    ``node``: (data path, client id, clients, label names) on a node that owns its data."""
+    key = _key(config_yaml, node)
     if key in _JOBS:
         return _JOBS[key], 0.0, 0.0
     started = time.time()
     since_start = started - psutil.Process().create_time()
     _JOBS.clear()
     _STORES.clear()
-    _JOBS[key] = build_job(build_config(yaml.safe_load(config_yaml)))
+    config = build_config(yaml.safe_load(config_yaml))
+    if node is None:
+        _JOBS[key] = build_job(config)
+    else:
+        from fedpeft.engine import flower_data
+
+        path, cid, num_clients, names = node
+        rows = flower_data.read_node_rows(path, list(names))
+        _JOBS[key] = flower_data.node_job(config, rows, cid, num_clients)
     _STORES[key] = skeleton.ClientStore()
     return _JOBS[key], since_start, time.time() - started
 
 
-def client_store(config_yaml: str) -> skeleton.ClientStore:
-    return _STORES.setdefault(
-        hashlib.sha256(config_yaml.encode()).hexdigest(), skeleton.ClientStore()
-    )
-
-
-def train_on_message(msg: Message, config_yaml: str) -> Message:
-    """One client's round: the state in the message in, the trained upload and figures out."""
-    job, start_s, load_s = client_job(config_yaml)
+def train_on_message(msg: Message, config_yaml: str, data_path: str | None = None) -> Message:
+    """One client's round: the state in the message in, the trained upload and figures out. On
+    a node started with its own data (``data_path``) the client is that data."""
     settings = msg.content["config"]
     rnd, cid = int(settings["round"]), int(settings["cid"])
+    node = None
+    if data_path is not None:
+        names = tuple(json.loads(str(settings["labels"])))
+        node = (data_path, cid, int(settings["num-clients"]), names)
+    job, start_s, load_s = client_job(config_yaml, node)
     received = to_state(msg.content["arrays"])
     job.method.prepare_client(job.model, rnd, cid)
     started = time.perf_counter()
-    work = skeleton.train_client(job, rnd, cid, received, client_store(config_yaml).of(cid))
+    store = _STORES.setdefault(_key(config_yaml, node), skeleton.ClientStore())
+    work = skeleton.train_client(job, rnd, cid, received, store.of(cid))
     sent, result, compute_s = work.sent, work.result, work.compute_s
     train_s = time.perf_counter() - started
     reported = {f"m.{key}": value for key, value in work.metrics.items()}
@@ -158,13 +178,41 @@ def train_on_message(msg: Message, config_yaml: str) -> Message:
     return Message(content, reply_to=msg)
 
 
+def describe_data(msg: Message, node_config: dict) -> Message:
+    """A node's answer to the server's question before round 1: its name, row count and label
+    histogram, or the one line saying why its data cannot be used (it then takes no part)."""
+    from fedpeft.engine import flower_data
+
+    path = node_config.get(flower_data.DATA_PATH)
+    name = str(node_config.get(flower_data.NAME) or (Path(str(path)).name if path else "node"))
+    names = json.loads(str(msg.content["config"]["labels"]))
+    try:
+        if not path:
+            raise DataError("started without its data (--node-config 'data-path=\"FOLDER\"')")
+        rows = flower_data.read_node_rows(str(path), names)
+        counts = np.bincount(rows.labels, minlength=len(names)).tolist()
+        record = ConfigRecord({"name": name, "rows": len(rows), "label-counts": counts})
+    except (DataError, OSError) as err:
+        print(f"node {name}: {err}; it takes no part in the run", file=sys.stderr, flush=True)
+        record = ConfigRecord({"name": name, "error": str(err)})
+    return Message(RecordDict({"data": record}), reply_to=msg)
+
+
 def make_client_app(config_yaml: str | None = None) -> ClientApp:
     """The ClientApp; without ``config_yaml`` it reads the run's YAML from the run config."""
+    from fedpeft.engine.flower_data import DATA_PATH
+
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_on_message(msg, config_yaml or str(context.run_config[CONFIG_KEY]))
+        path = context.node_config.get(DATA_PATH)
+        config = config_yaml or str(context.run_config[CONFIG_KEY])
+        return train_on_message(msg, config, str(path) if path else None)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return describe_data(msg, dict(context.node_config))
 
     return app
 
@@ -255,9 +303,11 @@ class FedpeftStrategy(Strategy):
         min_nodes: int,
         on_event: ProgressHook,
         stop: threading.Event | None = None,
+        owners: dict[int, int] | None = None,
     ) -> None:
         self.job, self.config, self.method = job, job.config, job.method
         self.stop = stop or threading.Event()
+        self.owners = owners  # client -> the node that owns its data (node-owned data)
         self.run_dir = run_dir
         self.state = state
         self.first_round = state.done + 1
@@ -300,19 +350,34 @@ class FedpeftStrategy(Strategy):
         clients = skeleton.sample_clients(
             self.config.seed, rnd, self.config.num_clients, self.config.clients_per_round
         )
+        if self.owners is not None:  # a node is a client: sample among the nodes still there
+            alive = [cid for cid, node in self.owners.items() if node in nodes]
+            if len(alive) < len(self.owners):
+                size = min(self.config.clients_per_round, len(alive))
+                draw = np.random.default_rng([self.config.seed, rnd]).choice(alive, size, False)
+                clients = sorted(int(cid) for cid in draw)
         self.report = RoundReport(rnd, clients, train_loss=0.0)
         self.down_bytes, self.node_of = {}, {}
         messages = []
-        for i, cid in enumerate(clients if nodes else []):
+        settings: dict[str, Any] = {}
+        if self.owners is not None:  # each client is a node: only connected ones can train
+            settings = {
+                "num-clients": self.config.num_clients,
+                "labels": json.dumps(self.job.label_names),
+            }
+            targets = [(cid, self.owners[cid]) for cid in clients]
+        else:  # any node serves any client: spread them in turn
+            targets = [(c, nodes[i % len(nodes)]) for i, c in enumerate(clients if nodes else [])]
+        for cid, node in targets:
             sent = self.method.download(rnd, cid, self.global_state)
             self.down_bytes[cid] = len(payload.encode(sent))
             content = RecordDict(
                 {
                     "arrays": ArrayRecord.from_torch_state_dict(sent),
-                    "config": ConfigRecord({"round": rnd, "cid": cid}),
+                    "config": ConfigRecord({"round": rnd, "cid": cid, **settings}),
                 }
             )
-            self.node_of[cid] = nodes[i % len(nodes)]
+            self.node_of[cid] = node
             messages.append(
                 Message(
                     content,
@@ -431,16 +496,21 @@ def serve(
     min_nodes: int = 1,
     on_event: ProgressHook | None = None,
     stop: threading.Event | None = None,
+    node_data: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary.
     Once ``stop`` is set it raises ``Interrupted`` within a fraction of a second, having recorded
-    only complete rounds."""
-    config = job.config
+    only complete rounds. With ``node_data`` each node trains on its own rows: the nodes describe
+    their data first and become the run's clients (``fedpeft.engine.flower_data``)."""
     on_event = on_event or (lambda _kind, _info: None)
     stop = stop or threading.Event()
+    owners = None
+    if node_data:
+        job, owners = admit_nodes(StoppableGrid(grid, stop), job, run_dir, min_nodes)
+    config = job.config
     state = skeleton.start_run(job, run_dir, on_event)
     load_trainable_state(job.model, state.global_state)
-    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, stop)
+    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, stop, owners)
     if state.done < config.rounds:
         strategy.start(
             StoppableGrid(grid, stop),
@@ -450,6 +520,50 @@ def serve(
             evaluate_fn=strategy.finish_round,
         )
     return skeleton.finish_run(job, run_dir, state)
+
+
+def admit_nodes(
+    grid: Grid, job: Job, run_dir: RunDir, min_nodes: int
+) -> tuple[Job, dict[int, int]]:
+    """Ask every connected node (once ``min_nodes`` are) to describe its data; those that can
+    take part become the clients, in the order of their names. Returns the server's job for
+    them and which node each client is; writes the run's partition.json from their answers."""
+    from fedpeft.engine import flower_data
+    from fedpeft.runs import write_json
+
+    timeout = job.config.flower.round_timeout_s
+    question = ConfigRecord({"labels": json.dumps(job.label_names)})
+    messages = [
+        Message(RecordDict({"config": question}), node, MessageType.QUERY, ttl=timeout)
+        for node in connected_nodes(grid, min_nodes)
+    ]
+    described = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d did not describe its data: %s", node, reply.error.reason)
+            continue
+        record = reply.content["data"]
+        if "error" in record:
+            log.warning("node %s takes no part: %s", record["name"], record["error"])
+            continue
+        counts = [int(c) for c in record["label-counts"]]
+        described.append(
+            {
+                "name": str(record["name"]),
+                "rows": int(record["rows"]),
+                "label_counts": counts,
+                "node": node,
+            }
+        )
+    if not described:
+        raise DataError("no SuperNode has usable data: see each node's log")
+    described.sort(key=lambda d: (d["name"], d["node"]))
+    for cid, d in enumerate(described):
+        log.info("client %d: node %s, %d rows", cid, d["name"], d["rows"])
+    job = flower_data.admit_nodes(job, described)
+    write_json(run_dir.path / "partition.json", flower_data.nodes_summary(job, described))
+    return job, {cid: d["node"] for cid, d in enumerate(described)}
 
 
 # -- simulation -----------------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 ``fedpeft flower prepare`` writes an app folder whose pyproject.toml names these two objects and
 carries the run in its run config: the resolved YAML (``fedpeft-config``) and the run folder on
 the SuperLink's host (``run-dir``). The ServerApp (``flwr-serverapp``, started by the SuperLink)
-writes that run folder, resuming it if it already holds finished rounds. Each SuperNode starts a
-``flwr-clientapp`` process per message, which builds the job from the YAML and trains one client.
+writes that run folder, resuming it if it already holds finished rounds. It holds only test and
+validation rows (the config's ``dataset``); each SuperNode owns its training rows
+(``--node-config "data-path=..."``, ``fedpeft.engine.flower_data``) and is one client. Each
+SuperNode starts a ``flwr-clientapp`` process per message, which builds the node's job from the
+YAML and its own rows and trains.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from fedpeft.engine.flower import (
     make_client_app,
     serve,
 )
-from fedpeft.job import build_job
+from fedpeft.engine.flower_data import server_job
 from fedpeft.runs import RunDir
 
 server_app = ServerApp()
@@ -39,7 +42,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = RunDir.open(path)
     else:
         run_dir = RunDir.create(path, config_yaml)
-    serve(grid, build_job(config), run_dir, min_nodes=config.flower.min_nodes)
+    serve(grid, server_job(config), run_dir, min_nodes=config.flower.min_nodes, node_data=True)
 
 
 client_app = make_client_app()

@@ -39,6 +39,7 @@ from fedpeft.engine.flower import (
     check_supported,
     stop_leftovers,
 )
+from fedpeft.engine.flower_data import DATA_PATH, NAME
 
 CONNECTION = "fedpeft"  # the SuperLink connection's name in the app's flwr-home/config.toml
 
@@ -219,13 +220,22 @@ def superlink_argv(host: str, port: int, creds: Credentials | None) -> list[str]
 
 
 def supernode_argv(
-    superlink: str, runtime_port: int, ca_cert: Path | None, key: Path | None
+    superlink: str,
+    runtime_port: int,
+    ca_cert: Path | None,
+    key: Path | None,
+    data: str | Path | None = None,
+    name: str | None = None,
 ) -> list[str]:
-    """A SuperNode; ``runtime_port`` is its local port for its ClientApp processes."""
+    """A SuperNode; ``runtime_port`` is its local port for its ClientApp processes; ``data`` its
+    own training rows and ``name`` how the run names it (``fedpeft.engine.flower_data``)."""
     argv = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port)]
     argv += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
     if key is not None:
         argv += ["--auth-supernode-private-key", str(key)]
+    if data is not None:
+        pairs = [f'{DATA_PATH}="{data}"'] + ([f'{NAME}="{name}"'] if name else [])
+        argv += ["--node-config", " ".join(pairs)]
     return argv
 
 
@@ -238,10 +248,13 @@ def deployment_commands(app_dir: Path, config: RunConfig, creds: Credentials | N
     if creds:
         lines += ["# 2. register each SuperNode's public key (from where you run flwr)"]
         lines += [f"{home} flwr supernode register {k}.pub {CONNECTION}" for k in keys]
-    lines += ["# 3. on each client host (one SuperNode per client process)"]
-    for key in keys:
+    lines += ["# 3. on each client host: one SuperNode per client, on that host's own rows"]
+    for i, key in enumerate(keys, start=1):
         ca = creds.ca_cert if creds else None
-        lines.append(shlex.join(supernode_argv(config.flower.superlink, 9094, ca, key)))
+        argv = supernode_argv(
+            config.flower.superlink, 9094, ca, key, "/path/to/its/data", f"node-{i}"
+        )
+        lines.append(shlex.join(argv))
     lines += ["# 4. start the run; the run folder is written on the SuperLink host"]
     lines.append(f"{home} flwr run {shlex.quote(str(app_dir))} {CONNECTION} --stream")
     return "\n".join(lines) + "\n"
@@ -289,9 +302,16 @@ class LocalFederation:
     process (and its children) is stopped by PID when the context exits.
     """
 
-    def __init__(self, work: Path, num_nodes: int = 2, creds: Credentials | None = None):
+    def __init__(
+        self,
+        work: Path,
+        num_nodes: int = 2,
+        creds: Credentials | None = None,
+        node_data: list[Path] | None = None,
+    ):
         self.work = Path(work)
         self.num_nodes = num_nodes
+        self.node_data = node_data or []  # node i's own rows: node_data[i]
         self.creds = creds
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -311,10 +331,10 @@ class LocalFederation:
             self.superlink = self._spawn(argv, "superlink")
             self._wait_for_port()
             keys = self.creds.node_keys[: self.num_nodes] if self.creds else [None] * self.num_nodes
-            for key in keys:
+            for i, key in enumerate(keys):
                 if key is not None:
                     self.register(key)
-                self.start_node(key)
+                self.start_node(key, self.node_data[i] if i < len(self.node_data) else None)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -357,10 +377,13 @@ class LocalFederation:
         raise FlowerError(f"flower-superlink did not listen within {timeout:.0f}s")
 
     # -- nodes ------------------------------------------------------------------------------------
-    def start_node(self, key: Path | None = None) -> subprocess.Popen:
-        """One more SuperNode (authenticating with ``key`` when given)."""
+    def start_node(self, key: Path | None = None, data: Path | None = None) -> subprocess.Popen:
+        """One more SuperNode (authenticating with ``key`` when given) on its own ``data``."""
         ca = self.creds.ca_cert if self.creds else None
-        argv = supernode_argv(self.address, free_port(), ca, key)
+        name = Path(data).name if data is not None else None
+        argv = supernode_argv(
+            self.address, free_port(), ca, key, data and Path(data).resolve(), name
+        )
         proc = self._spawn(argv, f"supernode-{len(self.nodes) + 1}")
         self.nodes.append(proc)
         return proc

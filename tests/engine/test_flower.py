@@ -99,7 +99,8 @@ def test_cli_certs_then_prepare(tmp_path, toy_data, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "flower-superlink" in printed and "--enable-supernode-auth" in printed
-    assert (out / "config.yaml").is_file() and (out / "partition.json").is_file()
+    assert (out / "config.yaml").is_file()
+    assert not (out / "partition.json").exists()  # the nodes describe their data when it runs
     assert (tmp_path / "run-flower-app" / "pyproject.toml").is_file()
     missing = ["flower", "prepare", str(config), "--certs", str(tmp_path / "none")]
     assert main([*missing, "--out", str(tmp_path / "run2")]) == 2  # no certificates: one line
@@ -147,7 +148,8 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
     cases = [
         (["flower", "prepare", str(config), "--set", "quantize=int8"], "quantize"),
         (["flower", "local", str(config), "--set", "quantize=int8"], "quantize"),
-        (["flower", "local", str(config), "--set", "flower.min_nodes=3"], "flower.min_nodes"),
+        (["flower", "local", str(config), "--set", "flower.min_nodes=5"], "flower.min_nodes"),
+        (["flower", "local", str(config), "--nodes", "3"], "num_clients"),
         (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
         (["run", str(config), "--set", "engine=flower", "--set", "method=c2a"], "engine: flower"),

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from fedpeft.config import build_config
+from fedpeft.engine.flower_data import split_for_nodes
 from fedpeft.engine.flower_deploy import (
     LocalFederation,
     make_credentials,
@@ -26,7 +27,13 @@ from tests.conftest import tiny_config
 
 def deploy_config(dataset: Path, **flower) -> dict:
     settings = {"insecure": True, "min_nodes": 2, "round_timeout_s": 300, **flower}
-    return tiny_config(dataset, engine="flower", flower=settings)
+    return tiny_config(dataset, engine="flower", num_clients=2, flower=settings)
+
+
+def deployed(tmp_path: Path, raw: dict) -> tuple[Path, list[Path]]:
+    """The app of a run whose 2 nodes each own one client's rows; returns it and their data."""
+    server_config, nodes = split_for_nodes(build_config(raw), tmp_path / "data")
+    return write_app(tmp_path / "app", server_config, tmp_path / "run"), nodes
 
 
 def metrics(run: Path) -> list[dict]:
@@ -49,9 +56,8 @@ def assert_all_stopped(pids: list[int]) -> None:
 
 
 def test_two_supernodes_two_rounds(tmp_path, toy_data):
-    config = build_config(deploy_config(toy_data))
-    app = write_app(tmp_path / "app", config, tmp_path / "run")
-    with LocalFederation(tmp_path / "fed", num_nodes=2) as federation:
+    app, data = deployed(tmp_path, deploy_config(toy_data))
+    with LocalFederation(tmp_path / "fed", num_nodes=2, node_data=data) as federation:
         federation.run(app, timeout=600)
         pids = [p.pid for proc in [federation.superlink, *federation.nodes] for p in family(proc)]
     assert_all_stopped(pids)
@@ -65,9 +71,8 @@ def test_two_supernodes_two_rounds(tmp_path, toy_data):
 
 def test_tls_and_node_auth_refuse_an_unregistered_node(tmp_path, toy_data):
     creds = make_credentials(tmp_path / "creds", num_nodes=2)
-    config = build_config(deploy_config(toy_data, insecure=False))
-    app = write_app(tmp_path / "app", config, tmp_path / "run")
-    with LocalFederation(tmp_path / "fed", num_nodes=2, creds=creds) as federation:
+    app, data = deployed(tmp_path, deploy_config(toy_data, insecure=False))
+    with LocalFederation(tmp_path / "fed", 2, creds=creds, node_data=data) as federation:
         stranger = federation.start_node(make_node_key(tmp_path / "stranger"))
         federation.run(app, timeout=600)
         assert stranger.wait(timeout=120) != 0  # the SuperLink does not know its key
@@ -95,10 +100,9 @@ def kill_when_busy(federation: LocalFederation, node, stop: threading.Event) -> 
 
 
 def test_a_dead_node_times_out_its_round_and_the_run_goes_on(tmp_path, toy_data):
-    config = build_config(deploy_config(toy_data, round_timeout_s=60))
-    app = write_app(tmp_path / "app", config, tmp_path / "run")
+    app, data = deployed(tmp_path, deploy_config(toy_data, round_timeout_s=60))
     stop = threading.Event()
-    with LocalFederation(tmp_path / "fed", num_nodes=2) as federation:
+    with LocalFederation(tmp_path / "fed", num_nodes=2, node_data=data) as federation:
         victim = federation.nodes[1]
         killer = threading.Thread(target=kill_when_busy, args=(federation, victim, stop))
         killer.start()
@@ -112,5 +116,7 @@ def test_a_dead_node_times_out_its_round_and_the_run_goes_on(tmp_path, toy_data)
     assert len(first["clients_failed"]) == 1  # the dead node's client; the other one counted
     assert first["clients_failed"][0] in first["clients"]
     assert first["bytes_up"] > 0 and first["accuracy"] is not None
-    assert second["clients_failed"] == []  # round 2 went to the node that answered
+    # round 2 samples among the nodes still there: the one that answered
+    assert second["clients"] == [c for c in first["clients"] if c not in first["clients_failed"]]
+    assert second["clients_failed"] == []
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]

@@ -32,13 +32,13 @@ from tests.conftest import tiny_config
 STOP_WITHIN_S = 30.0  # generous: two other jobs share this machine's cores in CI
 
 
-def job_config(dataset: Path) -> dict:
-    # 4 clients per round on 2 nodes/actors, long enough local work that Ctrl-C lands mid-round
+def job_config(dataset: Path, clients: int) -> dict:
+    # every client in every round, long enough local work that Ctrl-C lands mid-round
     return tiny_config(
         dataset,
         engine="flower",
-        num_clients=4,
-        clients_per_round=4,
+        num_clients=clients,
+        clients_per_round=clients,
         rounds=3,
         local_epochs=8,
         flower={"insecure": True, "min_nodes": 2, "round_timeout_s": 300},
@@ -100,11 +100,11 @@ def assert_stopped(family: list[psutil.Process]) -> None:
     assert alive == [], f"processes left running: {alive}"
 
 
-def assert_only_complete_rounds(run: Path) -> None:
+def assert_only_complete_rounds(run: Path, clients: int) -> None:
     recorded = rows(run)
     assert [r["round"] for r in recorded] == list(range(1, len(recorded) + 1))
     for row in recorded:
-        assert len(row["clients"]) == 4 and row["clients_failed"] == [], row
+        assert len(row["clients"]) == clients and row["clients_failed"] == [], row
         assert row["bytes_up"] > 0 and row["train_loss"] == row["train_loss"], row  # not NaN
 
 
@@ -127,7 +127,7 @@ def assert_same_result(run: Path, expected: dict) -> None:
 
 
 def test_ctrl_c_in_simulation_then_resume(tmp_path, toy_data):
-    config = job_config(toy_data)
+    config = job_config(toy_data, clients=4)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     proc = fedpeft("run", "job.yaml", "--out", str(run), "--quiet", cwd=tmp_path)
@@ -136,7 +136,7 @@ def test_ctrl_c_in_simulation_then_resume(tmp_path, toy_data):
     assert seconds < STOP_WITHIN_S, f"took {seconds:.1f}s to stop"
     assert err.count("--resume") == 1 and f"fedpeft run --resume {run}" in err, err[-2000:]
     assert_stopped(family)
-    assert_only_complete_rounds(run)
+    assert_only_complete_rounds(run, 4)
 
     resumed = fedpeft("run", "--resume", str(run), "--quiet", cwd=tmp_path)
     _out, err = resumed.communicate(timeout=900)
@@ -146,18 +146,18 @@ def test_ctrl_c_in_simulation_then_resume(tmp_path, toy_data):
 
 
 def test_ctrl_c_in_a_local_deployment_then_resume(tmp_path, toy_data):
-    config = job_config(toy_data)
+    config = job_config(toy_data, clients=2)  # one SuperNode per client, on its own rows
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
-    proc = fedpeft("flower", "local", "job.yaml", "--nodes", "2", "--out", str(run), cwd=tmp_path)
+    proc = fedpeft("flower", "local", "job.yaml", "--out", str(run), cwd=tmp_path)
     status, err, seconds, family = interrupt_after_round_1(proc, run)
     assert status == 130, err[-2000:]
     assert seconds < STOP_WITHIN_S, f"took {seconds:.1f}s to stop"
-    hint = f"fedpeft flower local --resume {run} --nodes 2"
+    hint = f"fedpeft flower local --resume {run}"
     assert err.count("--resume") == 1 and hint in err, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     assert_stopped(family)
-    assert_only_complete_rounds(run)
+    assert_only_complete_rounds(run, 2)
 
     # `fedpeft run --resume` of a deployed run continues on a local deployment, not embedded
     resumed = fedpeft("run", "--resume", str(run), cwd=tmp_path)
