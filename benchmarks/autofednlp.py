@@ -34,7 +34,7 @@ validation split, ~25 rows per client; 600 of the 1,958 test rows). Both: MiniLM
 per round (per trial group), one local step of batch 16 per round, AdamW at each method's default
 lr (chosen on validation in the FedPETuning study; AutoFedNLP: the adapter's), no warm-up.
 
-Budget (about 3 h: the two datasets side by side, one core each). Measured rates on this
+Budget (about 3 h: two single-threaded cells at a time, one per core). Measured rates on this
 machine: MiniLM LoRA trains ~40 rows/s at seq 64 (full fine-tuning ~30), the top 2 layers from
 cached activations ~80 rows/s (0.4 s per batch-32 step; 3 layers ~55), evaluation ~90 rows/s
 (all layers); seq 128 costs about twice per row. One round trains 5 x 16 = 80 rows.
@@ -43,17 +43,23 @@ cached activations ~80 rows/s (0.4 s per batch-32 step; 3 layers ~55), evaluatio
                        (eval_every 4) = 5.5 s a round; cap 240 rounds: <= 22 min each
     lf_d1..3, adapters 80 rows / 80-160 per s + cached eval = 1.2-2.5 s a round; cap 240:
                        <= 10 min each, 7 runs + lf_oracle_int8: <= 80 min, ~40 expected
-    autofednlp         tau = 20 x r_0 (r_0: the deep (2, 8) candidate's bound, 16 rows, nothing
-                       cached: 0.15 s compute + 0.12 s transfer = 0.27 s at seq 64), tau ~5.4 s;
-                       period 1 (T = tau) ~300 head-only rounds + ~25 at (2, 8): ~2 min;
-                       period at depth 2 (T = 9 tau): ~170-240 rounds per candidate, ~600 rounds
-                       x 80 rows: ~13 min; depth 3 (T = 13 tau): ~18 min; depth 4: ~25 min;
-                       patience 2 periods, cap 5: ~60 min expected, <= 80
-    autofednlp_nocache period 1 only, every row through all 6 layers: ~5 min
-    ag_news            ~150 min expected; 20newsgroups (seq 128, ~2x per row, 25-row clients:
-                       head-only and full rounds as above, trained rows ~2x dearer) ~180 min
+    autofednlp         tau = 20 x r_0, r_0 the deep (2, 8) candidate's bound (16 rows, nothing
+                       cached: 0.15 s compute + 0.12 s transfer at seq 64): tau = 5.38 s on
+                       ag_news, 8.65 s on the 20newsgroups subset. Rounds per candidate (a
+                       cost-model-only replay of the method on these configs, deep winning every
+                       period): ag_news 58/21 in period 1 (shallow/deep), then ~230/155/160-195
+                       (shallow/wide/deep) at depths 2, 3, 4; 20newsgroups 232/22, then
+                       ~270/200/185-215. ~550-600 rounds x 80 rows per later period at 1.2-2.5 s:
+                       ag_news ~1 + 12 + 17 + 22 min for 4 periods, cap 5 (~28 more); at seq 128
+                       about twice that
+    autofednlp_nocache period 1 only, every row through all 6 layers: ~3-5 min
+    total              ag_news ~2.5 h of one core expected, 20newsgroups ~3.5 h (seq 128 costs
+                       ~2x per row): ~6 core-hours, two cells at a time from one queue (the two
+                       AutoFedNLP runs first, the longest): ~3 h. These are estimates from the
+                       rates above; trials.jsonl and the wall times of the first sitting replace
+                       them (if 20newsgroups runs long: cap its AutoFedNLP at 4 periods).
 
-    fedpeft bench autofednlp [--quick] [--out benchmarks/results]    # both datasets side by side
+    fedpeft bench autofednlp [--quick] [--out benchmarks/results]    # every cell, two at a time
     fedpeft bench autofednlp --only dataset=ag_news --only run=vanilla,ftq   # a sitting's share
     fedpeft bench autofednlp --report-only                            # rewrite the page
 
@@ -147,7 +153,7 @@ def settings(quick: bool) -> list[Setting]:
         "local_steps": 1,
         "warmup_ratio": 0.0,
         "eval_batch_size": 200,
-        "threads": 1,  # the two datasets run side by side, one core each
+        "threads": 1,  # two cells run side by side, one core each
     }
     caps = {"full": 240, "lf": 240, "adapter": 240, "autofednlp": 5}
     patience = {"full": 24, "lf": 24, "adapter": 24, "autofednlp": 2}
@@ -324,14 +330,23 @@ def grid(quick: bool = False) -> list[h.Cell]:
     return cells
 
 
-def _run_dataset(job: tuple[bool, Path, str]) -> None:
-    """One dataset's cells, in a worker process of its own."""
+def queue(cells: list[h.Cell]) -> list[h.Cell]:
+    """The order of a whole sitting on two cores, one cell per core from a shared queue: the
+    longest runs (AutoFedNLP) first, LF_oracle + int8 last (it needs its finished sweep)."""
+    first = [c for c in cells if c.run == "autofednlp"]
+    last = [c for c in cells if c.run == "lf_oracle_int8"]
+    return first + [c for c in cells if c not in first and c not in last] + last
+
+
+def _run_one(job: tuple[bool, Path, str]) -> str:
+    """One cell, in a worker process (one thread)."""
     global RUNS
-    quick, runs, dataset = job
+    quick, runs, folder = job
     RUNS = runs
     torch.set_num_threads(1)
     cells = grid(quick)
-    h.run_cells(runs, cells, h.sitting(cells, {"dataset": {dataset}}), f"autofednlp {dataset}")
+    todo = [c for c in cells if c.folder == folder]
+    return "\n".join(h.run_cells(runs, cells, todo, f"autofednlp {folder}"))
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -545,7 +560,7 @@ def report(r: h.Results) -> tuple[list[str], dict[str, Any]]:
     lines += [
         f"Wall-clock of the whole study: {h.duration(wall)} of run time in {len(r.found)} "
         f"finished runs ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}; the datasets side by side, one thread each).",
+        f"torch {torch.__version__}; two cells at a time, one thread each).",
         "",
     ]
     return lines, {"datasets": figures, "wall_clock_s": wall}
@@ -570,17 +585,18 @@ def main(
     part: str | None = None,
     report_only: bool = False,
 ) -> Path:
-    """Run the cells that are not finished (the datasets side by side when the whole full study
-    runs), then rewrite the page."""
+    """Run the cells that are not finished (two at a time from ``queue`` when the whole full
+    study runs), then rewrite the page."""
     global RUNS
     out = Path(out or ("runs/bench-quick" if quick else "benchmarks/results"))
     runs = out / ("autofednlp_quick_runs" if quick else "autofednlp_runs")
     RUNS = runs
     whole = not (only or part or report_only)
-    if whole and not quick:  # one process per dataset: two single-threaded runs use 2 cores
-        datasets = [study.dataset for study in settings(quick)]
-        with multiprocessing.get_context("spawn").Pool(len(datasets)) as pool:
-            pool.map(_run_dataset, [(quick, runs, dataset) for dataset in datasets])
+    if whole and not quick:  # two single-threaded cells at a time use the 2 cores best
+        jobs = [(quick, runs, cell.folder) for cell in queue(grid(quick))]
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            for _ in pool.imap_unordered(_run_one, jobs):
+                pass
     torch.set_num_threads(1 if quick else 2)
     return h.main(STUDY, quick, runs, only, part, report_only or (whole and not quick))
 

@@ -84,6 +84,18 @@ def test_class_subset_keeps_and_renumbers_the_chosen_classes(tmp_path):
         study.class_subset(source, ("tech", "weather"), tmp_path / "out")
 
 
+def test_queue_runs_every_cell_once_longest_first_and_int8_after_its_sweep(tmp_path, monkeypatch):
+    cells = study.grid(quick=False)
+    order = study.queue(cells)
+    assert sorted(c.folder for c in order) == sorted(c.folder for c in cells)
+    assert {c.run for c in order[:2]} == {"autofednlp"}
+    assert {c.run for c in order[-2:]} == {"lf_oracle_int8"}
+    monkeypatch.setattr(study, "RUNS", tmp_path)  # no finished sweep there
+    int8 = next(c for c in cells if c.run == "lf_oracle_int8")
+    with pytest.raises(ValueError, match="waits for the LF sweep"):
+        int8.config(None)
+
+
 def test_full_settings_follow_the_issue():
     ag_news, newsgroups = study.settings(quick=False)
     assert (ag_news.source, ag_news.partition, ag_news.alpha) == ("ag_news", "dirichlet", 10.0)
