@@ -90,6 +90,11 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
     if getattr(config, "quantize", "none") != "none":
         raise ConfigError("engine: flower sends float tensors; set quantize: none")
     if not simulation:
+        if config.personalized_eval:  # the server would score nothing and say nothing
+            raise ConfigError(
+                "personalized_eval: a deployment's server holds no client's test rows; "
+                "set personalized_eval: false (or run it in simulation, engine: flower)"
+            )
         return
     cores = os.cpu_count() or 1
     if config.flower.num_cpus > cores:
