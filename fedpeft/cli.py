@@ -489,6 +489,14 @@ def _flower_local_resume(args: argparse.Namespace):
     return config, run_dir
 
 
+def _server_note(line: str) -> None:
+    """A deployed ServerApp's own notes (a node that takes no part, or rejoined) to stderr."""
+    from fedpeft.engine.flower import LOG_PREFIX
+
+    if line.startswith(LOG_PREFIX):
+        print(line.rstrip(), file=sys.stderr, flush=True)
+
+
 def cmd_flower_local(args: argparse.Namespace) -> int:
     """The run as a real deployment on this machine: a SuperLink and SuperNode processes.
     Ctrl-C stops every process (the SuperLink first), keeps the completed rounds and prints the
@@ -541,7 +549,7 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
             print(
                 f"SuperLink on {federation.address}, {nodes} SuperNodes, each on its own data in {work / 'data'}; logs in {work}"
             )
-            federation.run(app, timeout=args.timeout)
+            federation.run(app, timeout=args.timeout, echo=_server_note)
     except FlowerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -75,6 +75,20 @@ from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
 from fedpeft.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("fedpeft.flower")
+LOG_PREFIX = "fedpeft "  # how the ServerApp's own lines start in the run's log (``show_log``)
+
+
+def show_log() -> None:
+    """Send the server's notes (nodes that take no part, rejoin, wait) to stderr, which a
+    deployed ServerApp's log carries to ``flwr run --stream`` and ``fedpeft flower local``."""
+    if not any(getattr(h, "fedpeft", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_PREFIX + "%(levelname)s: %(message)s"))
+        handler.fedpeft = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML (deployment)
 RUN_DIR_KEY = "run-dir"  # run-config key holding the run folder's path on the SuperLink host
 
@@ -308,11 +322,15 @@ class FedpeftStrategy(Strategy):
         min_nodes: int,
         on_event: ProgressHook,
         stop: threading.Event | None = None,
-        owners: dict[int, int] | None = None,
+        nodes: list[dict] | None = None,
     ) -> None:
         self.job, self.config, self.method = job, job.config, job.method
         self.stop = stop or threading.Event()
-        self.owners = owners  # client -> the node that owns its data (node-owned data)
+        # Node-owned data: client k is the node named nodes[k]["name"]; owners maps each client
+        # to the node id that answers for it now (a restarted node gets a new id: ``rejoin``).
+        self.owners = None if nodes is None else {k: d["node"] for k, d in enumerate(nodes)}
+        self.client_of = {} if nodes is None else {d["name"]: k for k, d in enumerate(nodes)}
+        self.asked = {d["node"] for d in nodes or []}  # node ids that have described their data
         self.run_dir = run_dir
         self.state = state
         self.first_round = state.done + 1
@@ -349,6 +367,8 @@ class FedpeftStrategy(Strategy):
             connected = connected_nodes(grid, self.min_nodes)
         else:  # nodes may have died: go on with those left, none after a round's timeout
             connected = connected_nodes(grid, 1, self.config.flower.round_timeout_s)
+        if self.owners is not None:
+            self.rejoin(grid, connected)
         # A node that just missed a deadline gets no clients this round (it may be dead; the
         # SuperLink only notices after its heartbeats lapse); it is used again afterwards.
         nodes = [n for n in connected if n not in self.suspects] or connected
@@ -395,6 +415,26 @@ class FedpeftStrategy(Strategy):
         self.report.bytes_down = sum(self.down_bytes.values())
         self.sent_at = time.perf_counter()
         return messages
+
+    def rejoin(self, grid: Grid, connected: list[int]) -> None:
+        """Map by name the nodes that connected since the last round: a node restarted (a new
+        Flower node id) answers for its client again; a node the run did not start with takes
+        no part (the run's clients are fixed when it starts)."""
+        new = [node for node in connected if node not in self.asked]
+        if not new or self.owners is None:
+            return
+        self.asked.update(new)
+        for d in describe_nodes(grid, new, self.job):
+            cid = self.client_of.get(d["name"])
+            if cid is None:
+                log.warning(
+                    "node %s takes no part: it joined after the run started (its clients are "
+                    "the nodes that described their data before round 1)",
+                    d["name"],
+                )
+                continue
+            log.info("node %s rejoined (node id %d): client %d", d["name"], d["node"], cid)
+            self.owners[cid] = d["node"]
 
     def _update(self, reply: Message) -> tuple[ClientUpdate, int] | None:
         """A reply as a checked ClientUpdate and its payload bytes; None when it is unusable."""
@@ -509,13 +549,13 @@ def serve(
     their data first and become the run's clients (``fedpeft.engine.flower_data``)."""
     on_event = on_event or (lambda _kind, _info: None)
     stop = stop or threading.Event()
-    owners = None
+    nodes = None
     if node_data:
-        job, owners = admit_nodes(StoppableGrid(grid, stop), job, run_dir, min_nodes)
+        job, nodes = admit_nodes(StoppableGrid(grid, stop), job, run_dir, min_nodes)
     config = job.config
     state = skeleton.start_run(job, run_dir, on_event)
     load_trainable_state(job.model, state.global_state)
-    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, stop, owners)
+    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, stop, nodes)
     if state.done < config.rounds:
         strategy.start(
             StoppableGrid(grid, stop),
@@ -527,23 +567,17 @@ def serve(
     return skeleton.finish_run(job, run_dir, state)
 
 
-def admit_nodes(
-    grid: Grid, job: Job, run_dir: RunDir, min_nodes: int
-) -> tuple[Job, dict[int, int]]:
-    """Ask every connected node (once ``min_nodes`` are) to describe its data; those that can
-    take part become the clients, in the order of their names. Returns the server's job for
-    them and which node each client is; writes the run's partition.json from their answers."""
-    from fedpeft.engine import flower_data
-    from fedpeft.runs import write_json
-
+def describe_nodes(grid: Grid, nodes: list[int], job: Job) -> list[dict]:
+    """Ask ``nodes`` to describe their data; the answers of those that can take part (name, rows,
+    label counts, node id). A node that cannot is named in a warning and left out."""
     timeout = job.config.flower.round_timeout_s
     question = ConfigRecord({"labels": json.dumps(job.label_names)})
     messages = [
         Message(RecordDict({"config": question}), node, MessageType.QUERY, ttl=timeout)
-        for node in connected_nodes(grid, min_nodes)
+        for node in nodes
     ]
     described = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in grid.send_and_receive(messages, timeout=timeout) if messages else []:
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d did not describe its data: %s", node, reply.error.reason)
@@ -561,6 +595,17 @@ def admit_nodes(
                 "node": node,
             }
         )
+    return described
+
+
+def admit_nodes(grid: Grid, job: Job, run_dir: RunDir, min_nodes: int) -> tuple[Job, list[dict]]:
+    """Ask every connected node (once ``min_nodes`` are) to describe its data; those that can
+    take part become the clients, in the order of their names (client k is the k-th answer
+    returned). Returns the server's job for them; writes the run's partition.json."""
+    from fedpeft.engine import flower_data
+    from fedpeft.runs import write_json
+
+    described = describe_nodes(grid, connected_nodes(grid, min_nodes), job)
     if not described:
         raise DataError("no SuperNode has usable data: see each node's log")
     described.sort(key=lambda d: (d["name"], d["node"]))
@@ -568,7 +613,7 @@ def admit_nodes(
         log.info("client %d: node %s, %d rows", cid, d["name"], d["rows"])
     job = flower_data.admit_nodes(job, described)
     write_json(run_dir.path / "partition.json", flower_data.nodes_summary(job, described))
-    return job, {cid: d["node"] for cid, d in enumerate(described)}
+    return job, described
 
 
 # -- simulation -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from fedpeft.engine.flower import (
     check_supported,
     make_client_app,
     serve,
+    show_log,
 )
 from fedpeft.engine.flower_data import server_job
 from fedpeft.runs import RunDir
@@ -34,6 +35,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    show_log()
     config_yaml = str(context.run_config[CONFIG_KEY])
     config = build_config(yaml.safe_load(config_yaml))
     check_supported(config, simulation=False)

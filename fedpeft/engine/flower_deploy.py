@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,6 +413,41 @@ class LocalFederation:
             )
         return done.stdout
 
-    def run(self, app_dir: Path, timeout: float = 600.0) -> str:
-        """Submit the app with ``flwr run`` and wait until the run ends; returns its log."""
-        return self.flwr(["run", str(app_dir), CONNECTION, "--stream"], timeout=timeout)
+    def run(self, app_dir: Path, timeout: float = 600.0, echo=None) -> str:
+        """Submit the app with ``flwr run`` and wait until the run ends; returns its log (also
+        written to ``flwr-run.log``). ``echo`` is called with each line as it arrives."""
+        argv = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            cwd=self.work,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        lines: list[str] = []
+
+        def pump() -> None:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                lines.append(line)
+                if echo is not None:
+                    echo(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            stop_process(proc)
+            raise FlowerError(f"flwr run took more than {timeout:.0f}s") from err
+        except BaseException:  # Ctrl-C: the CLI is in a session of its own, stop it here
+            stop_process(proc)
+            raise
+        finally:
+            reader.join(timeout=10)
+            (self.work / "flwr-run.log").write_text("".join(lines))
+        output = "".join(lines)
+        if proc.returncode != 0:
+            raise FlowerError(f"flwr run failed: {output[-800:]}")
+        return output

@@ -120,3 +120,35 @@ def test_a_dead_node_times_out_its_round_and_the_run_goes_on(tmp_path, toy_data)
     assert second["clients"] == [c for c in first["clients"] if c not in first["clients_failed"]]
     assert second["clients_failed"] == []
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
+
+
+def kill_and_restart(federation: LocalFederation, data: Path, stop: threading.Event) -> None:
+    """SIGKILL node 2 once it has taken a training message, then start it again on its data:
+    a new process, so the SuperLink gives it a new node id."""
+    kill_when_busy(federation, federation.nodes[1], stop)
+    if not stop.is_set():
+        federation.start_node(None, data)
+
+
+def test_a_restarted_node_rejoins_and_is_sampled_again(tmp_path, toy_data):
+    app, data = deployed(tmp_path, deploy_config(toy_data, round_timeout_s=45))
+    stop = threading.Event()
+    notes: list[str] = []
+    with LocalFederation(tmp_path / "fed", num_nodes=2, node_data=data) as federation:
+        victim = federation.nodes[1]
+        killer = threading.Thread(target=kill_and_restart, args=(federation, data[1], stop))
+        killer.start()
+        try:
+            federation.run(app, timeout=600, echo=notes.append)
+        finally:
+            stop.set()
+            killer.join()
+        assert victim.poll() is not None and len(federation.nodes) == 3
+        restarted_log = federation.logs[federation.nodes[2].pid].read_text()
+    first, second = metrics(tmp_path / "run")
+    assert first["clients"] == [0, 1] and first["clients_failed"] == [1]  # node-001 was killed
+    # round 2: the restarted node-001 (a new node id) answers for client 1 again
+    assert second["clients"] == [0, 1] and second["clients_failed"] == [], second
+    assert "Receiving: train message" in restarted_log
+    assert any(n.startswith("fedpeft INFO: node node-001 rejoined") for n in notes), notes
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]

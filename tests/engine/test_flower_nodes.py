@@ -74,10 +74,13 @@ def test_nodes_train_only_their_own_rows_weighted_by_row_counts(tmp_path):
     run = tmp_path / "run"
     app = write_app(tmp_path / "app", config, run)
     with LocalFederation(tmp_path / "fed", 3, node_data=[alice, bob, carol]) as federation:
-        federation.run(app, timeout=600)
+        run_log = federation.run(app, timeout=600)
         carol_log = federation.logs[federation.nodes[2].pid].read_text()
     assert not (server / "train.jsonl").exists()
     assert "node carol: " in carol_log and "it takes no part" in carol_log
+    # and the server says so in the run's log (what flwr run --stream shows)
+    said = [line for line in run_log.splitlines() if "node carol takes no part" in line]
+    assert said and said[0].startswith("fedpeft WARNING: node carol takes no part: "), run_log
 
     partition = json.loads((run / "partition.json").read_text())
     assert [(c["name"], c["train_size"]) for c in partition["clients"]] == [
