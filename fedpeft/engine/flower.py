@@ -17,9 +17,9 @@ samples among them. A round waits at most ``flower.round_timeout_s``; clients th
 node died, a reply failed) are left out of the aggregate and listed in the metrics row as
 ``clients_failed``.
 
-Two ways to run it (docs/flower.md): ``FlowerEngine`` runs the run config through Flower's
-simulation runtime in this process (``engine: flower``); ``fedpeft.engine.flower_app`` is the app
-``flwr run`` deploys on a SuperLink with SuperNodes (``fedpeft flower ...``).
+Two ways to run it (docs/flower.md), both with ``flwr run`` submitting ``fedpeft.engine.flower_app``:
+``FlowerEngine`` (``engine: flower``) to a SuperLink it starts in simulation mode, one simulated
+SuperNode per client; ``fedpeft flower ...`` to a SuperLink with real SuperNodes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -60,12 +59,12 @@ from flwr.app import (  # noqa: E402
     RecordDict,
 )
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
 from fedpeft import cost, payload  # noqa: E402
 from fedpeft.client import LocalResult  # noqa: E402
-from fedpeft.config import ConfigError, RunConfig, build_config, dump_config  # noqa: E402
+from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
@@ -75,6 +74,7 @@ from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
 from fedpeft.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("fedpeft.flower")
+EVENT_PREFIX = "fedpeft-event "  # a progress event in a simulated run's log (forward_events)
 LOG_PREFIX = "fedpeft "  # how the ServerApp's own lines start in the run's log (``show_log``)
 
 
@@ -91,6 +91,7 @@ def show_log() -> None:
 
 CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML (deployment)
 RUN_DIR_KEY = "run-dir"  # run-config key holding the run folder's path on the SuperLink host
+SIMULATION_KEY = "fedpeft-simulation"  # run-config key: the run is simulated (FlowerEngine)
 
 
 def check_supported(config: RunConfig, simulation: bool = True) -> None:
@@ -111,6 +112,11 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
             )
         return
     cores = os.cpu_count() or 1
+    if config.flower.num_cpus != int(config.flower.num_cpus):  # `flwr run` takes whole cores
+        raise ConfigError(
+            f"flower.num_cpus: {config.flower.num_cpus:g}, but Flower's simulation reserves "
+            "whole cores per client; set 1, 2, ..."
+        )
     if config.flower.num_cpus > cores:
         raise ConfigError(
             f"flower.num_cpus: {config.flower.num_cpus:g} cores per client, but this machine "
@@ -629,12 +635,39 @@ def stop_leftovers(processes: list[psutil.Process], grace_s: float = 10.0) -> No
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-class FlowerEngine:
-    """``engine: flower``: the run through Flower's simulation runtime, in this process.
+def forward_events(kind: str, info: dict[str, Any]) -> None:
+    """A simulated run's progress events as lines of the ServerApp's log, which ``flwr run
+    --stream`` carries to ``FlowerEngine`` (the ServerApp runs in a process of Flower's)."""
+    line = json.dumps({"kind": kind, "info": info}, default=_plain, separators=(",", ":"))
+    print(EVENT_PREFIX + line, flush=True)
 
-    The ServerApp runs here on the job's model; each simulated client is a Flower node whose
-    ClientApp runs in a Ray actor with ``flower.num_cpus`` cores, building its own copy of the
-    job once per actor. Ray's processes stop when the simulation returns.
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def read_event(line: str) -> tuple[str, dict[str, Any]] | None:
+    """The (kind, info) a ``forward_events`` line carries; None for any other log line."""
+    if not line.startswith(EVENT_PREFIX):
+        return None
+    try:
+        event = json.loads(line[len(EVENT_PREFIX) :])
+    except json.JSONDecodeError:
+        return None
+    return str(event["kind"]), dict(event["info"])
+
+
+class FlowerEngine:
+    """``engine: flower``: the run on Flower's simulation runtime, the way Flower 1.41 runs
+    simulations: ``flwr run`` submits the run's app to a SuperLink started with ``--simulation``.
+
+    fedpeft starts that SuperLink on a free loopback port (its own session, so Ctrl-C reaches
+    fedpeft alone) and runs ``flwr run APP fedpeft --stream`` with the federation config (one
+    simulated SuperNode per client, ``flower.num_cpus``/``num_gpus`` per client); the SuperLink
+    starts a ``flwr-simulation`` process that runs the ServerApp (``flower_app``: it builds the
+    job from the run's YAML and writes the run folder) and the ClientApps in Ray actors. The
+    ServerApp's progress events come back as log lines (``forward_events``). When the run ends,
+    or on Ctrl-C, every process started is stopped by PID. Work files: ``RUN/flower/``.
     """
 
     def __init__(self, job: Job, run: RunDir, on_event: ProgressHook | None = None):
@@ -643,69 +676,63 @@ class FlowerEngine:
         self.run_dir = run
         self.config = job.config
         self.on_event = on_event or (lambda _kind, _info: None)
+        self.work = run.path / "flower"
 
-    def backend_config(self) -> dict[str, Any]:
+    def federation_config(self) -> str:
+        """``flwr run --federation-config``: the simulated federation and Ray's resources."""
         settings = self.config.flower
-        init_args: dict[str, Any] = {
-            "num_cpus": os.cpu_count() or 1,
-            "include_dashboard": False,
-            "_node_ip_address": "127.0.0.1",  # Ray's services talk over loopback only
-            "log_to_driver": False,
-            "object_store_memory": 256
-            * 1024
-            * 1024,  # messages are small; Ray's default is 30% of RAM
+        pairs = {
+            "num-supernodes": self.config.num_clients,
+            "client-resources-num-cpus": int(settings.num_cpus),
+            "client-resources-num-gpus": float(settings.num_gpus),
+            "init-args-num-cpus": os.cpu_count() or 1,
+            "init-args-log-to-driver": "false",
         }
         if settings.num_gpus:
-            init_args["num_gpus"] = torch.cuda.device_count()
+            pairs["init-args-num-gpus"] = torch.cuda.device_count()
+        return " ".join(f"{key}={value}" for key, value in pairs.items())
+
+    @staticmethod
+    def ray_env() -> dict[str, str]:
+        """Ray, started by the simulation process: its services on loopback only (no cluster
+        address lookup), its object store at ~256 MiB (messages are small; Ray's default is
+        30% of RAM)."""
+        total = psutil.virtual_memory().total
         return {
-            "client_resources": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
-            "init_args": init_args,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": f"{min(0.3, 256 * 2**20 / total):.6f}",
         }
 
     def run(self) -> dict[str, Any]:
-        """The whole run; Ctrl-C (SIGINT) stops it within seconds, keeping only complete rounds,
-        and raises KeyboardInterrupt once everything it started has stopped."""
-        from flwr.simulation import run_simulation
+        """The whole run; Ctrl-C (SIGINT) stops every process it started within seconds, keeping
+        only complete rounds, and raises KeyboardInterrupt."""
+        from fedpeft.engine.flower_deploy import FlowerError, LocalFederation, write_app
 
-        outcome: dict[str, Any] = {}
+        app = write_app(self.work / "app", self.config, self.run_dir.path, simulation=True)
+        failure: list[Exception] = []
         stop = threading.Event()
-        server_app = ServerApp()
 
-        @server_app.main()
-        def main(grid: Grid, context: Context) -> None:
-            outcome["thread"] = threading.current_thread()
+        def echo(line: str) -> None:  # runs in the thread reading flwr's output
+            event = read_event(line)
+            if line.startswith(LOG_PREFIX + "WARNING"):  # e.g. a client that failed
+                event = ("note", {"text": line[len(LOG_PREFIX) :].rstrip()})
+            if event is None or stop.is_set():
+                return
             try:
-                outcome["summary"] = serve(
-                    grid, self.job, self.run_dir, self.config.num_clients, self.on_event, stop
-                )
-            except Interrupted:
-                log.info("interrupted: the round in progress is not recorded")
-            finally:  # Ray's processes, while they are still ours to name
-                outcome["ray"] = psutil.Process().children(recursive=True)
+                self.on_event(*event)
+            except Exception as err:  # noqa: BLE001 - a hook that raises stops the run
+                failure.append(err)
+                stop.set()
 
-        def on_sigint(signum, frame) -> None:  # the server thread stops at its next check
-            stop.set()
-            raise KeyboardInterrupt
-
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+        sim = LocalFederation(self.work, num_nodes=0, simulation=True, env=self.ray_env())
+        extra = ["--federation-config", self.federation_config()]
         try:
-            run_simulation(
-                server_app,
-                make_client_app(dump_config(self.config)),
-                num_supernodes=self.config.num_clients,
-                backend_config=self.backend_config(),
-            )
-        except KeyboardInterrupt:
-            stop.set()
-        finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
-            if "thread" in outcome:  # the ServerApp's thread: ends at its next check of stop
-                outcome["thread"].join()
-            stop_leftovers([*outcome.get("ray", []), *psutil.Process().children(recursive=True)])
-        if stop.is_set():
-            raise KeyboardInterrupt
-        if "summary" not in outcome:
-            raise RuntimeError("the Flower simulation ended without finishing the run")
-        return outcome["summary"]
+            with sim:  # every process it started is stopped by PID on the way out
+                sim.run(app, None, echo, extra, stop=stop)
+        except Interrupted:
+            raise failure[0] from None
+        except FlowerError as err:
+            raise RuntimeError(f"the Flower simulation failed: {err}") from None
+        if not self.run_dir.summary_path.is_file():
+            raise RuntimeError(f"the Flower simulation ended without finishing; see {self.work}")
+        return json.loads(self.run_dir.summary_path.read_text())

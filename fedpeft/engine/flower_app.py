@@ -1,4 +1,7 @@
-"""The Flower app that ``flwr run`` deploys: ``server_app`` and ``client_app`` for any fedpeft run.
+"""The Flower app that ``flwr run`` submits: ``server_app`` and ``client_app`` for any fedpeft run,
+deployed (SuperNodes that own their data) or simulated (``FlowerEngine``: the run config's
+``fedpeft-simulation`` is true, the ServerApp builds the whole job and reports its progress as
+log lines).
 
 ``fedpeft flower prepare`` writes an app folder whose pyproject.toml names these two objects and
 carries the run in its run config: the resolved YAML (``fedpeft-config``) and the run folder on
@@ -22,12 +25,15 @@ from fedpeft.config import build_config
 from fedpeft.engine.flower import (
     CONFIG_KEY,
     RUN_DIR_KEY,
+    SIMULATION_KEY,
     check_supported,
+    forward_events,
     make_client_app,
     serve,
     show_log,
 )
 from fedpeft.engine.flower_data import server_job
+from fedpeft.job import build_job
 from fedpeft.runs import RunDir
 
 server_app = ServerApp()
@@ -38,13 +44,18 @@ def main(grid: Grid, context: Context) -> None:
     show_log()
     config_yaml = str(context.run_config[CONFIG_KEY])
     config = build_config(yaml.safe_load(config_yaml))
-    check_supported(config, simulation=False)
+    simulation = bool(context.run_config.get(SIMULATION_KEY, False))
+    check_supported(config, simulation=simulation)
     path = Path(str(context.run_config[RUN_DIR_KEY]))
     if (path / "config.yaml").is_file():
         run_dir = RunDir.open(path)
     else:
         run_dir = RunDir.create(path, config_yaml)
-    serve(grid, server_job(config), run_dir, min_nodes=config.flower.min_nodes, node_data=True)
+    if simulation:  # one simulated SuperNode per client; the server's job holds every client
+        serve(grid, build_job(config), run_dir, config.num_clients, on_event=forward_events)
+    else:
+        job = server_job(config)
+        serve(grid, job, run_dir, min_nodes=config.flower.min_nodes, node_data=True)
 
 
 client_app = make_client_app()

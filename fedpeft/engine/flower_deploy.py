@@ -37,6 +37,8 @@ from fedpeft.engine.flower import (
     CONFIG_KEY,
     FLOWER_ENV,
     RUN_DIR_KEY,
+    SIMULATION_KEY,
+    Interrupted,
     check_supported,
     stop_leftovers,
 )
@@ -46,11 +48,19 @@ CONNECTION = "fedpeft"  # the SuperLink connection's name in the app's flwr-home
 
 
 # -- the app folder ---------------------------------------------------------------------------
-def write_app(app_dir: Path, config: RunConfig, run_dir: Path, ca_cert: Path | None = None) -> Path:
+def write_app(
+    app_dir: Path,
+    config: RunConfig,
+    run_dir: Path,
+    ca_cert: Path | None = None,
+    simulation: bool = False,
+) -> Path:
     """A Flower app folder for this run: pyproject.toml naming fedpeft's ServerApp/ClientApp,
     with the run's YAML and run folder in its run config, plus the flwr CLI's connection to
-    ``flower.superlink`` (trusting ``ca_cert``; without it, an insecure connection)."""
-    check_supported(config, simulation=False)
+    ``flower.superlink`` (trusting ``ca_cert``; without it, an insecure connection). With
+    ``simulation`` the ServerApp builds the whole job (every client's rows, as the embedded
+    engine does) instead of asking nodes for their data."""
+    check_supported(config, simulation=simulation)
     app_dir.mkdir(parents=True, exist_ok=True)
     pyproject = {
         "project": {
@@ -72,6 +82,7 @@ def write_app(app_dir: Path, config: RunConfig, run_dir: Path, ca_cert: Path | N
                     "config": {
                         CONFIG_KEY: dump_config(config),
                         RUN_DIR_KEY: str(Path(run_dir).resolve()),
+                        SIMULATION_KEY: simulation,
                     },
                 }
             }
@@ -204,9 +215,15 @@ def make_node_key(path: Path) -> Path:
 
 
 # -- commands -------------------------------------------------------------------------------------
-def superlink_argv(host: str, port: int, creds: Credentials | None) -> list[str]:
+def superlink_argv(
+    host: str, port: int, creds: Credentials | None, simulation: bool = False
+) -> list[str]:
+    """A SuperLink; with ``simulation`` it runs each submitted app on Flower's simulation
+    runtime (a ``flwr-simulation`` process with simulated SuperNodes) instead of real nodes."""
     argv = ["flower-superlink", "--host", host, "--port", str(port)]
     argv.append("--disable-runtime-dependency-installation")
+    if simulation:
+        argv.append("--simulation")
     if creds is None:
         return argv + ["--insecure"]
     return argv + [
@@ -309,15 +326,18 @@ class LocalFederation:
         num_nodes: int = 2,
         creds: Credentials | None = None,
         node_data: list[Path] | None = None,
+        simulation: bool = False,
+        env: dict[str, str] | None = None,
     ):
         self.work = Path(work)
         self.num_nodes = num_nodes
         self.node_data = node_data or []  # node i's own rows: node_data[i]
         self.creds = creds
+        self.simulation = simulation  # a simulation SuperLink: no SuperNodes to start
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.flwr_home = self.work / "flwr-home"
-        self.env = flower_env(self.flwr_home)
+        self.env = {**flower_env(self.flwr_home), **(env or {})}
         self.superlink: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
         self.logs: dict[int, Path] = {}
@@ -328,7 +348,7 @@ class LocalFederation:
         try:
             ca = self.creds.ca_cert if self.creds else None
             write_connection(self.flwr_home, self.address, str(ca) if ca else None)
-            argv = superlink_argv("127.0.0.1", self.port, self.creds)
+            argv = superlink_argv("127.0.0.1", self.port, self.creds, self.simulation)
             self.superlink = self._spawn(argv, "superlink")
             self._wait_for_port()
             keys = self.creds.node_keys[: self.num_nodes] if self.creds else [None] * self.num_nodes
@@ -413,10 +433,19 @@ class LocalFederation:
             )
         return done.stdout
 
-    def run(self, app_dir: Path, timeout: float = 600.0, echo=None) -> str:
-        """Submit the app with ``flwr run`` and wait until the run ends; returns its log (also
-        written to ``flwr-run.log``). ``echo`` is called with each line as it arrives."""
-        argv = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+    def run(
+        self,
+        app_dir: Path,
+        timeout: float | None = 600.0,
+        echo=None,
+        extra: list[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> str:
+        """Submit the app with ``flwr run`` (plus ``extra`` arguments) and wait until the run
+        ends (at most ``timeout`` seconds); returns its log, also written to ``flwr-run.log``.
+        ``echo`` is called with each line as it arrives; once ``stop`` is set the CLI is stopped
+        and ``Interrupted`` raised."""
+        argv = ["flwr", "run", str(app_dir), CONNECTION, "--stream", *(extra or [])]
         proc = subprocess.Popen(
             argv,
             env=self.env,
@@ -436,12 +465,15 @@ class LocalFederation:
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired as err:
-            stop_process(proc)
-            raise FlowerError(f"flwr run took more than {timeout:.0f}s") from err
-        except BaseException:  # Ctrl-C: the CLI is in a session of its own, stop it here
+            while proc.poll() is None:
+                if stop is not None and stop.is_set():
+                    raise Interrupted("the run was stopped")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise FlowerError(f"flwr run took more than {timeout:.0f}s")
+                time.sleep(0.2)
+        except BaseException:  # Ctrl-C too: the CLI is in a session of its own, stop it here
             stop_process(proc)
             raise
         finally:

@@ -6,6 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -108,9 +109,12 @@ def test_cli_certs_then_prepare(tmp_path, toy_data, capsys):
 
 
 def test_interrupted_simulation_resumes_to_the_uninterrupted_weights(tmp_path, toy_data):
-    """Stopped before round 2, a Flower run resumes from its round-1 checkpoint and ends where an
-    uninterrupted run does (the embedded one: the parity test above ties the two engines)."""
-    base = tiny_config(toy_data, method="lora", algorithm="fedadam", num_clients=4, rounds=2)
+    """A progress hook that raises stops a Flower run (every process it started ends, only
+    complete rounds are kept); resumed, it ends where an uninterrupted run does (the embedded
+    one: the parity test above ties the two engines)."""
+    base = tiny_config(
+        toy_data, method="lora", algorithm="fedadam", num_clients=4, rounds=3, local_epochs=4
+    )
     reference_config = build_config({**base, "engine": "embedded"})
     reference_run = RunDir.create(tmp_path / "ref", dump_config(reference_config))
     reference = EmbeddedEngine(build_job(reference_config), reference_run).run()
@@ -118,19 +122,22 @@ def test_interrupted_simulation_resumes_to_the_uninterrupted_weights(tmp_path, t
     config = build_config({**base, "engine": "flower"})
     run = RunDir.create(tmp_path / "cut", dump_config(config))
 
-    def stop_before_round_2(kind, info):
+    def stop_at_round_2(kind, info):
         if kind == "round_start" and info["round"] == 2:
             raise RuntimeError("stopped by the test")
 
     with pytest.raises(RuntimeError, match="stopped by the test"):
-        FlowerEngine(build_job(config), run, on_event=stop_before_round_2).run()
-    assert [r["round"] for r in metrics(run.path)] == [1]
+        FlowerEngine(build_job(config), run, on_event=stop_at_round_2).run()
+    assert psutil.Process().children(recursive=True) == []  # the SuperLink, Ray: all gone
+    done = [r["round"] for r in metrics(run.path)]
+    assert 1 <= len(done) < 3 and done == list(range(1, len(done) + 1))
     events = []
     resumed = FlowerEngine(
         build_job(config), RunDir.open(run.path), on_event=lambda k, i: events.append((k, i))
     ).run()
-    assert ("resume", {"round": 1}) in events
-    assert [r["round"] for r in metrics(run.path)] == [1, 2]
+    assert ("resume", {"round": len(done)}) in events
+    assert ("round_start", {"round": 3}) in events  # progress comes back from the ServerApp
+    assert [r["round"] for r in metrics(run.path)] == [1, 2, 3]
     expected = load_file(str(tmp_path / "ref" / "weights.safetensors"))
     got = load_file(str(run.weights_path))
     for name in expected:
