@@ -151,12 +151,28 @@ def train_client(
     )
     method.end_client(session)
     sent = method.upload(rnd, cid, trainable_state(model))
-    per_token, embeddings = count_trainable_per_token(model)
     seq_len = round(result.mean_seq_len) + job.extra_tokens
+    misses = cache.stats.misses - misses_before if cache is not None else 0
+    flops = local_flops(job, seq_len, result.samples_seen, cached_from, misses)
+    flops += session.extra_flops
+    device, _network = job.profiles[cid]
+    metrics = json.loads(json.dumps(session.metrics))  # what can travel: plain numbers
+    return ClientWork(sent, result, cost.compute_time_s(flops, device), metrics)
+
+
+def local_flops(
+    job: Job, seq_len: int, samples: int, cached_from: int | None, misses: int
+) -> float:
+    """FLOPs of a local pass over ``samples`` sequences of ``seq_len`` tokens with the job's model
+    as shaped now: the trainable top (forward and backward) and the frozen layers below it, or,
+    with the activation cache (``cached_from``: its start layer), only one bottom forward for each
+    of the ``misses`` rows it had to compute."""
+    model = job.model
+    per_token, embeddings = count_trainable_per_token(model)
     flops = cost.train_flops(
         job.dims,
         seq_len,
-        result.samples_seen,
+        samples,
         lowest_trainable_layer=lowest_trainable_layer(model, job.num_layers),
         trainable_params=per_token,
         embeddings_trainable=embeddings,
@@ -164,12 +180,8 @@ def train_client(
         cached_below=cached_from is not None,
     )
     if cached_from is not None:
-        misses = cache.stats.misses - misses_before
         flops += misses * cached_from * cost.layer_forward_flops(job.dims, seq_len, job.extra_kv)
-    flops += session.extra_flops
-    device, _network = job.profiles[cid]
-    metrics = json.loads(json.dumps(session.metrics))  # what can travel: plain numbers
-    return ClientWork(sent, result, cost.compute_time_s(flops, device), metrics)
+    return flops
 
 
 def estimate_client_time_s(job: Job, cid: int, state: State) -> float:
@@ -188,20 +200,7 @@ def estimate_client_time_s(job: Job, cid: int, state: State) -> float:
         samples = steps * min(training.batch_size, len(rows))
         seq_len = int(job.train.lengths[rows].max()) + job.extra_tokens
     cached_from = cache_start_layer(model) if "train" in job.caches else None
-    per_token, embeddings = count_trainable_per_token(model)
-    flops = cost.train_flops(
-        job.dims,
-        seq_len,
-        samples,
-        lowest_trainable_layer=lowest_trainable_layer(model, job.num_layers),
-        trainable_params=per_token,
-        embeddings_trainable=embeddings,
-        extra_kv=job.extra_kv,
-        cached_below=cached_from is not None,
-    )
-    if cached_from is not None:
-        misses = min(samples, len(rows))
-        flops += misses * cached_from * cost.layer_forward_flops(job.dims, seq_len, job.extra_kv)
+    flops = local_flops(job, seq_len, samples, cached_from, misses=min(samples, len(rows)))
     device, network = job.profiles[cid]
     blob = len(payload.encode(state))
     return cost.compute_time_s(flops, device) + cost.comm_time_s(blob, blob, network)
