@@ -8,9 +8,10 @@ the attack's ROC AUC: the chance that a random member row has a lower loss than 
 non-member row, ties counting one half. 0.5 is a coin toss (nothing leaks through the losses);
 1.0 separates members perfectly.
 
-What is compared: ``rows`` member rows, drawn (seeded) from the training rows of the clients that
-were sampled in at least one round, and as many non-member rows from the test split, which no
-client trained on and which come from the same distribution. Scored model: the run's published
+What is compared: ``rows`` member rows, drawn (seeded) from the training rows of the clients
+whose update the server took in at least one round up to the scored weights' round (a crashed,
+late or rejected client's rows never reached the model), and as many non-member rows from the
+test split, which no client trained on and which come from the same distribution. Scored model: the run's published
 weights (best on validation when the run kept them, else the final ones).
 
 The AUC is the Mann-Whitney statistic computed from ranks (average ranks for ties), no sklearn:
@@ -96,9 +97,26 @@ def row_losses(job, data, rows: np.ndarray) -> np.ndarray:
     return losses
 
 
-def participants(history: list[dict[str, Any]]) -> list[int]:
-    """Clients sampled in at least one round of a run (its metrics rows)."""
-    return sorted({int(cid) for row in history for cid in row.get("clients", [])})
+def participants(history: list[dict[str, Any]], up_to: int | None = None) -> list[int]:
+    """Clients whose update the server took in at least one round of a run (its metrics rows),
+    up to round ``up_to`` (None: every round): sampled, and neither dropped (crashed, past the
+    deadline) nor rejected, so the model saw their rows."""
+    taken = set()
+    for row in history:
+        if up_to is not None and row["round"] > up_to:
+            continue
+        left_out = {
+            int(entry["cid"])
+            for entry in [*(row.get("clients_dropped") or []), *(row.get("clients_rejected") or [])]
+        }
+        taken.update(int(cid) for cid in row.get("clients", []) if int(cid) not in left_out)
+    return sorted(taken)
+
+
+def best_round(history: list[dict[str, Any]]) -> int | None:
+    """The round whose weights ``best.safetensors`` holds: the first of the best on validation."""
+    scored = [row for row in history if row.get("val_accuracy") is not None]
+    return max(scored, key=lambda row: row["val_accuracy"])["round"] if scored else None
 
 
 def membership_inference(job, clients: Iterable[int], rows: int, seed: int) -> dict[str, Any]:
@@ -135,8 +153,8 @@ def at_run_end(job, history: list[dict[str, Any]], best_path: Path) -> dict[str,
             weights = "best"
         except ValueError:  # a method that reshapes its modules (AutoFedNLP) grew past them
             pass
-    settings = job.config.privacy
-    scores = membership_inference(job, participants(history), settings.rows, job.config.seed)
+    clients = participants(history, best_round(history) if weights == "best" else None)
+    scores = membership_inference(job, clients, job.config.privacy.rows, job.config.seed)
     return {**scores, "mia_weights": weights}
 
 
@@ -152,6 +170,8 @@ def measure_run(run_path: Path, which: str | None = None, rows: int = 200) -> di
     from fedpeft.job import build_job
     from fedpeft.runs import RunDir, write_json
 
+    if rows < 1:
+        raise ValueError(f"--rows: {rows}; the attack needs at least 1 member row")
     run = RunDir.open(Path(run_path))
     config = load_config(run.config_path)
     if config.method == "local":
@@ -171,9 +191,11 @@ def measure_run(run_path: Path, which: str | None = None, rows: int = 200) -> di
         load_trainable_state(job.model, load_file(str(path)))
     except ValueError as err:
         raise ExportError(f"{path}: {err}") from None
+    weights = path.stem.replace("weights", "final")
+    clients = participants(history, best_round(history) if weights == "best" else None)
     result = {
-        **membership_inference(job, participants(history), rows, config.seed),
-        "mia_weights": path.stem.replace("weights", "final"),
+        **membership_inference(job, clients, rows, config.seed),
+        "mia_weights": weights,
     }
     write_json(run.path / "privacy.json", result)
     return result

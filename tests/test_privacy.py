@@ -88,6 +88,20 @@ def test_membership_inference_draws_members_from_the_clients_given(toy_data):
     assert result == privacy.membership_inference(job, [0], rows=10_000, seed=0)
 
 
+def test_members_are_the_clients_whose_update_was_taken_up_to_the_scored_round():
+    history = [
+        {"round": 1, "clients": [0, 1, 2], "val_accuracy": 0.5,
+         "clients_dropped": [{"cid": 1, "reason": "crashed"}], "clients_rejected": []},
+        {"round": 2, "clients": [3, 4], "val_accuracy": 0.7,
+         "clients_rejected": [{"cid": 4, "reason": "nan"}]},
+        {"round": 3, "clients": [1, 5], "val_accuracy": 0.7},
+    ]  # fmt: skip
+    assert privacy.participants(history) == [0, 1, 2, 3, 5]
+    assert privacy.best_round(history) == 2  # the first of equals, as best.safetensors keeps
+    assert privacy.participants(history, up_to=2) == [0, 2, 3]
+    assert privacy.best_round([{"round": 1, "clients": [0]}]) is None
+
+
 def test_config_switch_refuses_method_local_in_one_line(toy_data):
     with pytest.raises(ConfigError, match="^privacy.membership_inference: method local"):
         build_config(
@@ -121,6 +135,10 @@ def test_a_run_measures_the_attack_and_the_command_agrees(tmp_path, toy_data, ca
 
 
 def test_the_command_says_what_is_wrong_in_one_line(tmp_path, toy_data, capsys):
+    assert main(["privacy", str(tmp_path / "missing"), "--rows", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --rows: 0; the attack needs at least 1 member row"
+    )
     assert main(["privacy", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
