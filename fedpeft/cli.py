@@ -1,4 +1,5 @@
-"""Command line: ``fedpeft run | report | export | predict | list | demo | bench STUDY | flower``.
+"""Command line: ``fedpeft run | report | export | predict | privacy | list | demo | bench STUDY |
+flower``.
 
 User mistakes (config, data, model, run folder, payload) end with one line on stderr and exit
 status 2; Ctrl-C leaves finished rounds intact and says how to resume (exit 130).
