@@ -9,8 +9,8 @@ the summary says whether a run hit it.
     vanilla            full fine-tuning, FedAvg
     ftq                full fine-tuning, int8 updates up and int8 weights down
     lf_d<k>            layer freezing, the top k layers train (+ head); the sweep for LF_oracle
-    lf_oracle_int8     layer freezing at LF_oracle's depth with int8 transfers (runs once the
-                       sweep is finished)
+    lf_oracle_int8     layer freezing at LF_oracle's depth with int8 transfers (runs once
+                       vanilla and the sweep are finished)
     adapter_d<d>w<w>   fixed bottleneck adapters; the sweep for the oracle fixed adapter
     autofednlp         trial groups choose (depth, width); tau derived from 20 rounds per period
     autofednlp_nocache the same, first period(s) only, hidden states recomputed every time
@@ -284,20 +284,20 @@ def _config(study: Setting, config: dict[str, Any], name: str, lr: float | None)
 
 
 def _lf_oracle_int8(study: Setting, config: dict[str, Any], lr: float | None) -> dict:
-    """Layer freezing at LF_oracle's depth, int8 both ways; needs the finished LF sweep."""
+    """Layer freezing at LF_oracle's depth, int8 both ways; needs the finished LF sweep and the
+    finished vanilla run (its validation target picks LF_oracle, as the page does)."""
     if RUNS is None:
         raise ValueError("lf_oracle_int8: the study's runs folder is not set")
-    sweep = {}
-    for depth in study.lf_depths:
-        summary = h.load_cells(RUNS, [_cell(study, f"lf_d{depth}", {})])
+    finished = {}
+    for run in ["vanilla", *(f"lf_d{depth}" for depth in study.lf_depths)]:
+        summary = h.load_cells(RUNS, [_cell(study, run, {})])
         if not summary:
-            raise ValueError(f"lf_oracle_int8 waits for the LF sweep (lf_d{depth} unfinished)")
-        sweep[f"lf_d{depth}"] = next(iter(summary.values()))
-    vanilla = h.load_cells(RUNS, [_cell(study, "vanilla", {})])
-    val_target = None
-    if vanilla:
-        val_target = TARGET_FRACTION * next(iter(vanilla.values()))["best_val_accuracy"]
-    depth = int(chosen_on_validation(sweep, val_target).removeprefix("lf_d"))
+            raise ValueError(
+                f"lf_oracle_int8 waits for vanilla and the LF sweep ({run} unfinished)"
+            )
+        finished[run] = next(iter(summary.values()))
+    val_target = TARGET_FRACTION * (finished.pop("vanilla").get("best_val_accuracy") or 0.0)
+    depth = int(chosen_on_validation(finished, val_target).removeprefix("lf_d"))
     lf = {**config, "full": {"depth": depth}, "quantize": "int8", "quantize_download": True}
     return _config(study, lf, "lf_oracle_int8", lr)
 

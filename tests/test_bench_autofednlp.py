@@ -92,7 +92,7 @@ def test_queue_runs_every_cell_once_longest_first_and_int8_after_its_sweep(tmp_p
     assert {c.run for c in order[-2:]} == {"lf_oracle_int8"}
     monkeypatch.setattr(study, "RUNS", tmp_path)  # no finished sweep there
     int8 = next(c for c in cells if c.run == "lf_oracle_int8")
-    with pytest.raises(ValueError, match="waits for the LF sweep"):
+    with pytest.raises(ValueError, match="waits for vanilla and the LF sweep \\(vanilla unf"):
         int8.config(None)
 
 
