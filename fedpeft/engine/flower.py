@@ -244,60 +244,8 @@ def make_client_app(config_yaml: str | None = None) -> ClientApp:
 
 # -- server side ----------------------------------------------------------------------------------
 class Interrupted(Exception):
-    """The run was asked to stop (Ctrl-C): the round in progress is dropped, never recorded."""
-
-
-class StoppableGrid(Grid):
-    """``grid``, but every call first checks ``stop`` and raises ``Interrupted`` once it is set;
-    waiting for replies polls, so an interrupted round ends within ``poll_s`` instead of waiting
-    out its timeout."""
-
-    def __init__(self, grid: Grid, stop: threading.Event, poll_s: float = 0.1) -> None:
-        self.grid, self.stop, self.poll_s = grid, stop, poll_s
-
-    def check(self) -> None:
-        if self.stop.is_set():
-            raise Interrupted("the run was interrupted")
-
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        self.check()
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):
-        self.check()
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        self.check()
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        self.check()
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            got = list(self.pull_messages(pending))
-            replies += got
-            pending -= {reply.metadata.reply_to_message_id for reply in got}
-            if pending:
-                self.stop.wait(self.poll_s)
-        return replies
+    """The run was stopped before its end (a progress hook raised): every process it started
+    has been stopped, and only complete rounds are recorded."""
 
 
 def connected_nodes(grid: Grid, minimum: int, wait_s: float | None = None) -> list[int]:
@@ -327,11 +275,9 @@ class FedpeftStrategy(Strategy):
         state: RunState,
         min_nodes: int,
         on_event: ProgressHook,
-        stop: threading.Event | None = None,
         nodes: list[dict] | None = None,
     ) -> None:
         self.job, self.config, self.method = job, job.config, job.method
-        self.stop = stop or threading.Event()
         # Node-owned data: client k is the node named nodes[k]["name"]; owners maps each client
         # to the node id that answers for it now (a restarted node gets a new id: ``rejoin``).
         self.owners = None if nodes is None else {k: d["node"] for k, d in enumerate(nodes)}
@@ -482,8 +428,6 @@ class FedpeftStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self.stop.is_set():  # replies cut short by the interrupt: not a round
-            raise Interrupted("the run was interrupted")
         report = self.report
         report.train_wall_s = time.perf_counter() - self.sent_at  # waiting on the clients
         self.client_wall = {"start-s": [], "load-s": [], "train-s": []}
@@ -530,8 +474,6 @@ class FedpeftStrategy(Strategy):
         """Evaluate the new global state and write the round's row, checkpoint and summary."""
         if server_round == 0:
             return None  # Flower's look at the starting weights; fedpeft rows start at round 1
-        if self.stop.is_set():  # the round is redone on resume, never recorded half-known
-            raise Interrupted("the run was interrupted")
         load_trainable_state(self.job.model, self.global_state)
         row = skeleton.finish_round(
             self.job, self.run_dir, self.state, self.report, self.started, self.on_event
@@ -546,25 +488,23 @@ def serve(
     run_dir: RunDir,
     min_nodes: int = 1,
     on_event: ProgressHook | None = None,
-    stop: threading.Event | None = None,
     node_data: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary.
-    Once ``stop`` is set it raises ``Interrupted`` within a fraction of a second, having recorded
-    only complete rounds. With ``node_data`` each node trains on its own rows: the nodes describe
-    their data first and become the run's clients (``fedpeft.engine.flower_data``)."""
+    With ``node_data`` each node trains on its own rows: the nodes describe their data first
+    and become the run's clients (``fedpeft.engine.flower_data``). Stopping a run is stopping
+    its process: a round is recorded only once its checkpoint is complete."""
     on_event = on_event or (lambda _kind, _info: None)
-    stop = stop or threading.Event()
     nodes = None
     if node_data:
-        job, nodes = admit_nodes(StoppableGrid(grid, stop), job, run_dir, min_nodes)
+        job, nodes = admit_nodes(grid, job, run_dir, min_nodes)
     config = job.config
     state = skeleton.start_run(job, run_dir, on_event)
     load_trainable_state(job.model, state.global_state)
-    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, stop, nodes)
+    strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, nodes)
     if state.done < config.rounds:
         strategy.start(
-            StoppableGrid(grid, stop),
+            grid,
             ArrayRecord.from_torch_state_dict(state.global_state),
             num_rounds=config.rounds - state.done,
             timeout=config.flower.round_timeout_s,

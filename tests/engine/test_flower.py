@@ -161,6 +161,7 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
         (["flower", "local", str(config), "--nodes", "3"], "num_clients"),
         (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
+        (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=0.5"], "whole"),
         (["run", str(config), "--set", "engine=flower", "--set", "method=c2a"], "engine: flower"),
     ]
     for i, (argv, words) in enumerate(cases):
