@@ -33,7 +33,7 @@ on average and more than 3 in ~31% of rounds (hypergeometric). The deadline: a n
 simulated time on the phone profile is at most ~9.3 s (96 rows at seq 64: 9.1 s of compute, 0.2 s
 of LoRA transfer; fedpeft/cost.py), a straggler's at least 4 x 4.5 s (rows padded to 32), so 14 s
 drops every straggler and no one else. Epsilon: q = 10/20 per round, delta 1e-5, RDP accountant:
-10 rounds give ~38 (z 0.5), ~12 (z 1) and ~4.8 (z 2).
+10 rounds give ~34 (z 0.5), ~11.5 (z 1) and ~4.4 (z 2).
 
 Budget arithmetic (quiet 2-core machine, MiniLM-L6, batch 32 x seq 64: LoRA trains ~40 samples/s,
 full ~30; evaluation ~90 rows/s). A cell:
