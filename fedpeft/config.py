@@ -331,6 +331,11 @@ class _RunConfigBase(_Strict):
             )
         if self.early_stop is not None and self.validation_size == 0:
             raise ValueError("early_stop: needs validation rows; set validation_size > 0")
+        if self.early_stop is not None and self.early_stop.patience < self.eval_every:
+            raise ValueError(
+                f"early_stop.patience: {self.early_stop.patience} rounds is less than eval_every "
+                f"{self.eval_every}: the run would stop before validation is measured again"
+            )
         if self.engine == "flower" and self.early_stop is not None:
             raise ValueError("early_stop: embedded engine only; set engine: embedded")
         if self.engine == "flower" and self.quantize != "none":

@@ -62,3 +62,6 @@ def test_bad_settings_are_refused_in_one_line(toy_data):
         build_config(_config(toy_data, early_stop={"patience": 0}))
     with pytest.raises(ConfigError, match="early_stop: needs validation rows"):
         build_config(_config(toy_data, validation_size=0, early_stop={"patience": 2}))
+    with pytest.raises(ConfigError, match="^early_stop.patience: 2 rounds is less than eval_ev"):
+        build_config(_config(toy_data, eval_every=3, early_stop={"patience": 2}))
+    assert build_config(_config(toy_data, eval_every=3, early_stop={"patience": 3}))
