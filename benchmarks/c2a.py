@@ -43,8 +43,8 @@ PEFT, ~30 for full; evaluation ~90 rows/s). A label-skew cell: 10 clients x 128 
     umsab       8 clients x 128 rows, 4 per round: 5,120 samples -> ~170 s; 5 cells -> ~900 s
     lr phase    10 cells x 6 rounds x 5 x 128 = 3,840 samples -> ~100 s each (full ~130) -> 1,000 s
     baselines   local-only and FedAvg + fine-tuning: 10 cells (~2,000 s)
-    c2a_client  7 cells (three seeds at alpha 0.1) (~1,400 s)
-    total       ~11,800 s = ~3.3 h
+    c2a_client  9 cells (three seeds at alpha 0.1 on both datasets) (~1,800 s)
+    total       ~12,200 s = ~3.4 h
 
 C2A's own work (the generation and its adapters) is ~2% of a step (docs/c2a.md), within the noise of
 this arithmetic.
