@@ -338,8 +338,6 @@ class _RunConfigBase(_Strict):
             )
         if self.engine == "flower" and self.early_stop is not None:
             raise ValueError("early_stop: embedded engine only; set engine: embedded")
-        if self.engine == "flower" and self.quantize != "none":
-            raise ValueError("quantize: engine flower sends float tensors; set quantize: none")
         if self.lr is None:
             self.lr = spec.default_lr
         if self.algorithm not in ALGORITHMS:

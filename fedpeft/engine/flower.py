@@ -62,7 +62,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
-from fedpeft import cost, payload  # noqa: E402
+from fedpeft import cost, payload, quantize  # noqa: E402
 from fedpeft.client import LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
@@ -102,8 +102,6 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
 
     if "flower" not in registry.get(config.method).engines:
         raise ConfigError(f"engine: flower does not run {config.method} yet (use engine: embedded)")
-    if getattr(config, "quantize", "none") != "none":
-        raise ConfigError("engine: flower sends float tensors; set quantize: none")
     if not simulation:
         if config.personalized_eval:  # the server would score nothing and say nothing
             raise ConfigError(
@@ -177,11 +175,18 @@ def train_on_message(msg: Message, config_yaml: str, data_path: str | None = Non
         node = (data_path, cid, int(settings["num-clients"]), names)
     job, start_s, load_s = client_job(config_yaml, node)
     received = to_state(msg.content["arrays"])
+    if "dtypes" in settings:  # an int8 download: codes and scales back to weights
+        dtypes = {
+            name: getattr(torch, d) for name, d in json.loads(str(settings["dtypes"])).items()
+        }
+        received = quantize.unpack_int8(received, dtypes)
     job.method.prepare_client(job.model, rnd, cid)
     started = time.perf_counter()
     store = _STORES.setdefault(_key(config_yaml, node), skeleton.ClientStore())
     work = skeleton.train_client(job, rnd, cid, received, store.of(cid))
     sent, result, compute_s = work.sent, work.result, work.compute_s
+    if job.config.quantize == "int8":  # the update travels as int8 codes + scales
+        sent = quantize.encode_update(sent, received)
     train_s = time.perf_counter() - started
     reported = {f"m.{key}": value for key, value in work.metrics.items()}
     metrics = MetricRecord(
@@ -291,6 +296,7 @@ class FedpeftStrategy(Strategy):
         self.report = RoundReport(0, [], train_loss=0.0)
         self.failed: list[int] = []
         self.down_bytes: dict[int, int] = {}
+        self.downloads: dict[int, tuple[State, State]] = {}  # this round: (sent, as received)
         self.node_of: dict[int, int] = {}  # this round's client -> node
         self.suspects: set[int] = set()  # nodes that missed the last round's deadline
         self.client_wall: dict[str, list[float]] = {}  # clients' own timings, this round
@@ -334,7 +340,7 @@ class FedpeftStrategy(Strategy):
                 draw = np.random.default_rng([self.config.seed, rnd]).choice(alive, size, False)
                 clients = sorted(int(cid) for cid in draw)
         self.report = RoundReport(rnd, clients, train_loss=0.0)
-        self.down_bytes, self.node_of = {}, {}
+        self.down_bytes, self.node_of, self.downloads = {}, {}, {}
         messages = []
         settings: dict[str, Any] = {}
         if self.owners is not None:  # each client is a node: only connected ones can train
@@ -345,13 +351,24 @@ class FedpeftStrategy(Strategy):
             targets = [(cid, self.owners[cid]) for cid in clients]
         else:  # any node serves any client: spread them in turn
             targets = [(c, nodes[i % len(nodes)]) for i, c in enumerate(clients if nodes else [])]
+        int8_down = self.config.quantize == "int8" and self.config.quantize_download
         for cid, node in targets:
-            sent = self.method.download(rnd, cid, self.global_state)
-            self.down_bytes[cid] = len(payload.encode(sent))
+            down = self.method.download(rnd, cid, self.global_state)
+            sent, extra = down, {}
+            if int8_down:  # what the client rebuilds from int8 codes is what it trains from
+                sent = quantize.pack_int8(down)
+                extra = {"dtypes": json.dumps({k: str(t.dtype)[6:] for k, t in down.items()})}
+            blob = payload.encode(sent)
+            self.down_bytes[cid] = len(blob)
+            received = down
+            if int8_down:
+                dtypes = {k: t.dtype for k, t in down.items()}
+                received = quantize.unpack_int8(payload.decode(blob), dtypes)
+            self.downloads[cid] = (down, received)
             content = RecordDict(
                 {
                     "arrays": ArrayRecord.from_torch_state_dict(sent),
-                    "config": ConfigRecord({"round": rnd, "cid": cid, **settings}),
+                    "config": ConfigRecord({"round": rnd, "cid": cid, **settings, **extra}),
                 }
             )
             self.node_of[cid] = node
@@ -403,7 +420,10 @@ class FedpeftStrategy(Strategy):
             )
             return None
         expected = skeleton.expected_upload(self.job, self.report.rnd, cid, self.global_state)
-        state, reason = skeleton.check_upload(blob, expected)
+        if self.config.quantize == "int8" and cid in self.downloads:
+            state, reason = self._int8_update(blob, cid, expected)
+        else:
+            state, reason = skeleton.check_upload(blob, expected)
         if state is None:
             self.report.bytes_up += len(blob)
             skeleton.reject(self.report, cid, reason, self.on_event)
@@ -424,6 +444,20 @@ class FedpeftStrategy(Strategy):
             self.client_wall[key].append(float(metrics[key]))
         reported = {key[2:]: value for key, value in metrics.items() if key.startswith("m.")}
         return ClientUpdate(cid, state, result.num_samples, result, reported), len(blob)
+
+    def _int8_update(self, blob: bytes, cid: int, expected: State) -> tuple[State | None, str]:
+        """An int8 update (``fedpeft.quantize``) added back to the server's exact copy of what
+        it sent, so download quantisation never accumulates in the global model; as embedded."""
+        state, reason = skeleton.check_upload(blob, None)
+        if state is None:
+            return None, reason
+        down, received = self.downloads[cid]
+        exact = {k: down[k] if k in down else t for k, t in received.items()}
+        try:
+            rebuilt = quantize.decode_update(state, exact, expected)
+        except (KeyError, ValueError, RuntimeError) as err:
+            return None, f"int8 update does not fit: {err}"
+        return skeleton.check_upload(payload.encode(rebuilt), expected)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
