@@ -13,11 +13,11 @@ In simulation, messages carry the logical client id, so any node can serve any c
 server spreads a round's clients over the connected nodes in turn, and a client trains
 identically wherever it runs. In a deployment each node owns its rows and is one client
 (``fedpeft.engine.flower_data``): the nodes describe their data before round 1 and each round
-samples among them. A round waits at most ``flower.round_timeout_s``; clients that do not answer in time (a
-node died, a reply failed) are left out of the aggregate and listed in the metrics row as
-``clients_failed``.
+samples among them. A round waits at most ``flower.round_timeout_s``; clients that do not
+answer in time (a node died, a reply failed) are left out of the aggregate and listed in the
+metrics row as ``clients_failed``.
 
-Two ways to run it (docs/flower.md), both with ``flwr run`` submitting ``fedpeft.engine.flower_app``:
+Two ways to run it (docs/flower.md), both ``flwr run`` submitting ``fedpeft.engine.flower_app``:
 ``FlowerEngine`` (``engine: flower``) to a SuperLink it starts in simulation mode, one simulated
 SuperNode per client; ``fedpeft flower ...`` to a SuperLink with real SuperNodes.
 """
@@ -228,8 +228,8 @@ def describe_data(msg: Message, node_config: dict) -> Message:
     return Message(RecordDict({"data": record}), reply_to=msg)
 
 
-def make_client_app(config_yaml: str | None = None) -> ClientApp:
-    """The ClientApp; without ``config_yaml`` it reads the run's YAML from the run config."""
+def make_client_app() -> ClientApp:
+    """The ClientApp: it reads the run's YAML from the run config."""
     from fedpeft.engine.flower_data import DATA_PATH
 
     app = ClientApp()
@@ -237,7 +237,7 @@ def make_client_app(config_yaml: str | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         path = context.node_config.get(DATA_PATH)
-        config = config_yaml or str(context.run_config[CONFIG_KEY])
+        config = str(context.run_config[CONFIG_KEY])
         return train_on_message(msg, config, str(path) if path else None)
 
     @app.query()
@@ -596,10 +596,10 @@ def admit_nodes(grid: Grid, job: Job, run_dir: RunDir, min_nodes: int) -> tuple[
     return job, described
 
 
-# -- simulation -----------------------------------------------------------------------------------
+# -- processes and simulation ----------------------------------------------------------------------
 def stop_leftovers(processes: list[psutil.Process], grace_s: float = 10.0) -> None:
-    """Wait ``grace_s`` for processes to end (Ray's actors outlive ``ray.shutdown`` by a few
-    seconds; TERM-ed nodes flush), then end the rest by PID."""
+    """Wait ``grace_s`` for processes to end (TERM-ed SuperLinks, nodes and Ray's workers take
+    a few seconds), then end the rest by PID."""
     _gone, alive = psutil.wait_procs(processes, timeout=grace_s)
     for proc in alive:
         try:
