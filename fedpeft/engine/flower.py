@@ -108,6 +108,11 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
                 "personalized_eval: a deployment's server holds no client's test rows; "
                 "set personalized_eval: false (or run it in simulation, engine: flower)"
             )
+        if config.privacy.membership_inference:  # its members are rows only the nodes hold
+            raise ConfigError(
+                "privacy.membership_inference: a deployment's server holds no client's training "
+                "rows to attack; set it to false (or run it in simulation, engine: flower)"
+            )
         return
     cores = os.cpu_count() or 1
     if config.flower.num_cpus != int(config.flower.num_cpus):  # `flwr run` takes whole cores

@@ -168,6 +168,10 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
         (["flower", "local", str(config), "--set", "flower.min_nodes=5"], "flower.min_nodes"),
         (["flower", "prepare", str(config), "--set", "personalized_eval=true"], "personalized"),
         (["flower", "local", str(config), "--set", "personalized_eval=true"], "personalized"),
+        (
+            ["flower", "local", str(config), "--set", "privacy.membership_inference=true"],
+            "membership_inference",
+        ),
         (["flower", "local", str(config), "--nodes", "3"], "num_clients"),
         (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
