@@ -79,6 +79,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name -> config keys; lr group below
 LR_GROUP = {"c2a": "c2a", "c2a_client": "c2a", "adapter": "adapter", "lora": "lora", "full": "full",
             "fedprox_adapter": "adapter", "local_adapter": "adapter",
             "adapter_finetune": "adapter"}
+NO_GLOBAL_MODEL = {"local_adapter"}  # its "global" score is the untrained initial model's
 PENDING: dict[str, str] = {}  # baselines of the issue the engine cannot express yet: none
 LABEL_SKEWS = {"a0.1": 0.1, "a1": 1.0}
 LABEL_DATASETS = ["ag_news", "20newsgroups"]
@@ -240,7 +241,7 @@ def report(r: Results) -> tuple[list[str], dict[str, Any]]:
             s["datasets"],
             s["methods"],
             s["skews"],
-            lambda d, m, k: _text(accuracy.get((d, m, k))),
+            lambda d, m, k: _global_text(m, accuracy.get((d, m, k))),
             _skew_label,
         ),
         "### Label skew: personalised accuracy (%)",
@@ -263,8 +264,8 @@ def report(r: Results) -> tuple[list[str], dict[str, Any]]:
             [
                 [
                     m,
-                    _text(language.get(key)),
-                    _text(accuracy.get(key)),
+                    _global_text(m, language.get(key)),
+                    _global_text(m, accuracy.get(key)),
                     _text(personal.get(key)),
                 ]
                 for m in s["methods"]
@@ -306,6 +307,13 @@ def report(r: Results) -> tuple[list[str], dict[str, Any]]:
         "checks": checks.data,
     }
     return lines, data
+
+
+def _global_text(method: str, spread: h.Spread | None) -> str:
+    """A global-accuracy cell; local-only training has no global model to score."""
+    if method in NO_GLOBAL_MODEL and spread is not None:
+        return "n/a (no global model)"
+    return _text(spread)
 
 
 def _skew_label(skew: str) -> str:

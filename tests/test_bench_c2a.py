@@ -40,11 +40,11 @@ def test_grid_declares_the_issue_and_seeds():
     for c in label:
         seeded[c.dataset, c.method, c.skew].append(c.seed)
     for (_, method, skew), seeds in seeded.items():
-        three = method in ("c2a", "adapter", "lora") and skew == "a0.1"
+        three = method in ("c2a", "c2a_client", "adapter", "lora") and skew == "a0.1"
         assert seeds == ([0, 1, 2] if three else [0])
     language = [c for c in cells if c.phase == "language"]
     assert {c.method for c in language} == set(study.VARIANTS)
-    assert len(label) == 40 and len(language) == 7
+    assert len(label) == 48 and len(language) == 8
     for baseline in ("fedprox_adapter", "local_adapter", "adapter_finetune"):
         assert {c.lr_group for c in cells if c.method == baseline} == {"adapter"}
 
@@ -76,6 +76,11 @@ def test_quick_runs_every_cell_and_writes_the_report(quick_out):
         "Against the paper",
     ):
         assert heading in page
+    local_rows = [line for line in page.splitlines() if line.startswith("| local_adapter |")]
+    global_row, personal_row, language_row = local_rows[:3]  # quick mode: ag_news only
+    assert global_row.count("n/a (no global model)") == 2  # both skews
+    assert "n/a" not in personal_row  # its personalised accuracy is the point
+    assert language_row.count("n/a (no global model)") == 2  # mean per-language and overall
     assert (quick_out.parent / "c2a_accuracy_vs_alpha.png").stat().st_size > 0
 
     figures = json.loads((quick_out.parent / "c2a.json").read_text())
