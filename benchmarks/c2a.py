@@ -52,6 +52,7 @@ this arithmetic.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,7 @@ def report(r: Results) -> tuple[list[str], dict[str, Any]]:
     ]
     if PENDING:
         lines += ["### Not run yet", "", *[f"- `{n}`: {what}." for n, what in PENDING.items()], ""]
-    checks = _checks(s, accuracy, language)
+    checks = _checks(s, accuracy, personal, language, _step_ratio(r.out))
     lines += ["### Against the paper", "", *checks.lines, ""]
     plot = _plot(r, s, accuracy)
     lines += [f"![accuracy against label skew]({plot.name})", ""]
@@ -355,23 +356,25 @@ def _beats(ours: h.Spread | None, theirs: h.Spread | None, rows: int) -> tuple[b
     )
 
 
-def _checks(s: dict[str, Any], accuracy: dict, language: dict) -> h.Checks:
-    """The paper's claims (C2A ahead of FedAvg adapters under label and language skew)."""
+def _checks(
+    s: dict[str, Any], accuracy: dict, personal: dict, language: dict, step_ratio: float | None
+) -> h.Checks:
+    """The paper's claims (C2A ahead of FedAvg adapters under label and language skew) and the
+    issue's expectations (ahead of adapter and LoRA at alpha 0.1 on both datasets, global and
+    personalised; a local step under 1.3x a plain adapter's)."""
     checks, rows = h.Checks(), s["common"]["max_test_samples"]
     for skew in s["skews"]:
         results = {
             d: _beats(accuracy.get((d, "c2a", skew)), accuracy.get((d, "adapter", skew)), rows)
             for d in s["datasets"]
         }
-        known = [ok for ok, _ in results.values() if ok is not None]
-        agree = None if len(known) < len(results) else all(known)
         checks.add(
             f"c2a_beats_adapter_{skew}",
             f"- Paper: C2A is ahead of FedAvg adapters under label skew. Ours at "
             f"{_skew_label(skew)}: "
             + "; ".join(f"{d} {text}" for d, (_, text) in results.items())
-            + f" — {h.verdict(agree)}.",
-            agree,
+            + f" — {h.verdict(_all_known(results))}.",
+            _all_known(results),
             gap_points={d: text for d, (_, text) in results.items()},
         )
     lang = s["language"]
@@ -387,7 +390,51 @@ def _checks(s: dict[str, Any], accuracy: dict, language: dict) -> h.Checks:
         agree,
         gap_points=text,
     )
+    skew = s["seeded"]["skew"]
+    for variant in ("c2a", "c2a_client"):
+        for score, table in (("global", accuracy), ("personalised", personal)):
+            results = {
+                f"{d} vs {base}": _beats(
+                    table.get((d, variant, skew)), table.get((d, base, skew)), rows
+                )
+                for d in s["datasets"]
+                for base in ("adapter", "lora")
+            }
+            agree = _all_known(results)
+            checks.add(
+                f"{variant}_beats_adapter_and_lora_{score}_{skew}",
+                f"- Expected: `{variant}` ahead of adapter and LoRA FedAvg at "
+                f"{_skew_label(skew)} on both datasets, {score} accuracy. Ours: "
+                + "; ".join(f"{name} {text}" for name, (_, text) in results.items())
+                + f" — {h.verdict(agree)}.",
+                agree,
+                gap_points={name: text for name, (_, text) in results.items()},
+            )
+    agree = None if step_ratio is None else step_ratio < 1.3
+    shown = DASH if step_ratio is None else f"{step_ratio:.2f}x"
+    checks.add(
+        "c2a_step_under_1.3x_adapter",
+        "- Expected: a C2A local step costs under 1.3x a plain adapter's of the same shape. Ours "
+        f"(benchmarks/c2a_step.py, the two interleaved in one process): {shown} — "
+        f"{h.verdict(agree)}.",
+        agree,
+        ratio=step_ratio,
+    )
     return checks
+
+
+def _all_known(results: dict[str, tuple[bool | None, str]]) -> bool | None:
+    """True/False when every comparison is known, else None (undecided)."""
+    known = [ok for ok, _ in results.values() if ok is not None]
+    return None if len(known) < len(results) else all(known)
+
+
+def _step_ratio(out: Path) -> float | None:
+    """C2A's step over a plain adapter's, from benchmarks/c2a_step.py's JSON beside the page."""
+    path = out.parent / "c2a_step.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["c2a_over_adapter"]
 
 
 def _plot(r: Results, s: dict[str, Any], accuracy: dict) -> Path:

@@ -90,3 +90,6 @@ def test_quick_runs_every_cell_and_writes_the_report(quick_out):
     assert figures["language"]["c2a"]["mean_per_language"] is not None
     assert set(figures["pending"]) == set(study.PENDING)
     assert {c["verdict"] for c in figures["checks"].values()} <= {"agrees", "differs", "undecided"}
+    assert figures["checks"]["c2a_step_under_1.3x_adapter"]["verdict"] == "undecided"  # no JSON
+    client = figures["checks"]["c2a_client_beats_adapter_and_lora_personalised_a0.1"]
+    assert set(client["gap_points"]) == {"ag_news vs adapter", "ag_news vs lora"}
