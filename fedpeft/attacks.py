@@ -19,7 +19,8 @@ These are the common baselines of the Byzantine-robustness literature (sign flip
 noise, e.g. Li et al., "RSA", AAAI 2019, https://arxiv.org/abs/1811.03761; boosted updates,
 Bhagoji et al., "Analyzing Federated Learning through an Adversarial Lens", ICML 2019,
 https://arxiv.org/abs/1811.12470; label flipping, Tolpegin et al., ESORICS 2020,
-https://arxiv.org/abs/2007.08432). They are pure functions; the embedded engine applies them.
+https://arxiv.org/abs/2007.08432).
+They are pure functions; both engines apply them (``client_upload`` in ``engine/run.py``).
 """
 
 from __future__ import annotations

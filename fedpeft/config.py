@@ -62,7 +62,7 @@ class RobustSettings(_Strict):
 
 
 class AttackSettings(_Strict):
-    """Simulated attackers in the embedded engine (fedpeft/attacks.py).
+    """Simulated attackers (fedpeft/attacks.py): embedded engine and Flower simulation.
 
     ``floor(fraction x num_clients)`` clients, drawn once from the run seed, attack whenever they
     are sampled; they are listed in the run folder's ``attackers.json``.
@@ -81,7 +81,8 @@ class AttackSettings(_Strict):
 
 
 class FaultSettings(_Strict):
-    """Simulated faults in the embedded engine (fedpeft/faults.py); all off by default."""
+    """Simulated faults (fedpeft/faults.py): embedded engine and Flower simulation; all off by
+    default."""
 
     crash_prob: float = Field(
         0.0, ge=0, le=1, description="chance a sampled client crashes after its download"
@@ -336,8 +337,6 @@ class _RunConfigBase(_Strict):
                 f"early_stop.patience: {self.early_stop.patience} rounds is less than eval_every "
                 f"{self.eval_every}: the run would stop before validation is measured again"
             )
-        if self.engine == "flower" and self.early_stop is not None:
-            raise ValueError("early_stop: embedded engine only; set engine: embedded")
         if self.lr is None:
             self.lr = spec.default_lr
         if self.algorithm not in ALGORITHMS:
@@ -368,8 +367,6 @@ class _RunConfigBase(_Strict):
                 )
         if attack.type == "none":
             return self
-        if self.engine != "embedded":
-            raise ValueError(f"attack: engine {self.engine} does not simulate attacks yet")
         if attack.type == "label_flip" and attack.scale is not None:
             raise ValueError("attack.scale: label_flip takes no scale")
         if num_attackers(self.num_clients, attack.fraction) < 1:
@@ -383,8 +380,6 @@ class _RunConfigBase(_Strict):
     def _faults_and_dp(self) -> _RunConfigBase:
         faults, dp = self.faults, self.dp
         if faults.enabled():
-            if self.engine != "embedded":
-                raise ValueError(f"faults: engine {self.engine} does not simulate faults yet")
             if registry.get(self.method).drives_rounds:
                 raise ValueError(f"faults: method {self.method} runs its own rounds; no faults")
             if faults.min_clients > self.clients_per_round:
@@ -394,8 +389,6 @@ class _RunConfigBase(_Strict):
                 )
         if not dp.enabled():
             return self
-        if self.engine != "embedded":
-            raise ValueError(f"dp: engine {self.engine} does not run DP-FedAvg yet")
         if registry.methods()[self.method].system is not None:
             raise ValueError(
                 f"dp: method {self.method} aggregates its own way; DP-FedAvg needs a plain PEFT "

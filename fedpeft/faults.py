@@ -1,4 +1,4 @@
-"""Simulated faults in the embedded engine: crashes, stragglers, a round deadline, a quorum.
+"""Simulated faults (both engines): crashes, stragglers, a round deadline, a quorum.
 
 Real federations lose clients. ``faults:`` in the run config turns on, all drawn from the run
 seed so that a run (and a resumed run) is reproducible:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import fedpeft.engine.local as local
+import fedpeft.engine.run as skeleton
 from fedpeft import attacks
 from fedpeft.attacks import (
     add_noise,
@@ -121,10 +122,6 @@ def test_flip_labels_golden():
     "overrides, message",
     [
         (
-            {"engine": "flower", "attack": {"type": "sign_flip", "fraction": 0.3}},
-            "attack: engine flower does not simulate attacks yet",
-        ),
-        (
             {"num_clients": 10, "attack": {"type": "noise", "fraction": 0.05}},
             "attack.fraction: 0.05 of 10 clients selects no attacker",
         ),
@@ -145,13 +142,13 @@ def _captured_run(folder, data, monkeypatch, **overrides):
     """One round with all ten clients: (what each client received, what it uploaded, the new
     global weights, the run dir)."""
     received, uploads = {}, []
-    train, encode = local.train_client, local.encode_upload
+    train, encode = skeleton.train_client, local.encode_upload
 
     def spy(job, rnd, cid, state, *args, **kwargs):
         received[cid] = state
         return train(job, rnd, cid, state, *args, **kwargs)
 
-    monkeypatch.setattr(local, "train_client", spy)
+    monkeypatch.setattr(skeleton, "train_client", spy)
     monkeypatch.setattr(
         local, "encode_upload", lambda state: uploads.append(state) or encode(state)
     )
@@ -201,13 +198,13 @@ def test_sign_flip_attackers_are_recorded_and_krum_resists(tmp_path, toy_data, m
 
 def test_label_flip_attackers_train_on_flipped_labels(tmp_path, toy_data, monkeypatch):
     seen = {}
-    train = local.train_client
+    train = skeleton.train_client
 
     def spy(job, rnd, cid, *args, **kwargs):
         seen[cid] = job.train.labels.clone()
         return train(job, rnd, cid, *args, **kwargs)
 
-    monkeypatch.setattr(local, "train_client", spy)
+    monkeypatch.setattr(skeleton, "train_client", spy)
     attack = {"type": "label_flip", "fraction": 0.5}
     config = tiny_config(toy_data, rounds=1, local_steps=1, clients_per_round=4, attack=attack)
     _summary, run = run_once(tmp_path / "flip", **config)

@@ -62,14 +62,14 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
-from fedpeft import cost, payload, quantize  # noqa: E402
+from fedpeft import cost, faults, payload, quantize  # noqa: E402
 from fedpeft.client import LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
 from fedpeft.job import Job, build_job  # noqa: E402
-from fedpeft.methods.base import ClientUpdate, RoundReport  # noqa: E402
+from fedpeft.methods.base import ClientFit, ClientUpdate, RoundReport  # noqa: E402
 from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
 from fedpeft.runs import RunDir  # noqa: E402
 
@@ -108,6 +108,18 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
                 "personalized_eval: a deployment's server holds no client's test rows; "
                 "set personalized_eval: false (or run it in simulation, engine: flower)"
             )
+        # A node owns its training and its upload: the server cannot make it attack, crash
+        # or noise (its job here holds none of these plans); Flower simulation runs them.
+        for name, on in (
+            ("attack", config.attack.type != "none"),
+            ("faults", config.faults.enabled()),
+            ("dp", config.dp.enabled()),
+        ):
+            if on:
+                raise ConfigError(
+                    f"{name}: a deployment does not run it yet; run it in simulation "
+                    "(engine: flower) or on the embedded engine"
+                )
         if config.privacy.membership_inference:  # its members are rows only the nodes hold
             raise ConfigError(
                 "privacy.membership_inference: a deployment's server holds no client's training "
@@ -188,12 +200,15 @@ def train_on_message(msg: Message, config_yaml: str, data_path: str | None = Non
     job.method.prepare_client(job.model, rnd, cid)
     started = time.perf_counter()
     store = _STORES.setdefault(_key(config_yaml, node), skeleton.ClientStore())
-    work = skeleton.train_client(job, rnd, cid, received, store.of(cid))
+    # as in the embedded engine: a simulated attacker poisons, local DP randomises the upload
+    work, clipped = skeleton.client_upload(job, rnd, cid, received, store.of(cid))
     sent, result, compute_s = work.sent, work.result, work.compute_s
     if job.config.quantize == "int8":  # the update travels as int8 codes + scales
         sent = quantize.encode_update(sent, received)
     train_s = time.perf_counter() - started
     reported = {f"m.{key}": value for key, value in work.metrics.items()}
+    if clipped is not None:  # local DP: the upload is randomised; was its update clipped?
+        reported["dp-clipped"] = int(clipped)
     metrics = MetricRecord(
         {
             **reported,
@@ -299,6 +314,12 @@ class FedpeftStrategy(Strategy):
         self.min_nodes = min_nodes
         self.on_event = on_event
         self.report = RoundReport(0, [], train_loss=0.0)
+        self.grid: Grid | None = None
+        self.nodes: list[int] = []  # the nodes this round's clients are spread over
+        self.clients: list[int] = []  # the current attempt's clients
+        self.crashed: set[int] = set()  # this attempt's simulated crashes (``faults``)
+        self.noised: list[tuple[int, bool]] = []  # local DP: (client, clipped), this round
+        self.formed = False  # whether min_nodes were connected once
         self.failed: list[int] = []
         self.down_bytes: dict[int, int] = {}
         self.downloads: dict[int, tuple[State, State]] = {}  # this round: (sent, as received)
@@ -312,6 +333,8 @@ class FedpeftStrategy(Strategy):
         return self.state.global_state
 
     def summary(self) -> None:
+        if self.formed:  # ``start`` runs once per round: say it once
+            return
         log.info(
             "fedpeft %s (%s) over Flower: %d clients, %d per round",
             self.method.name,
@@ -326,26 +349,42 @@ class FedpeftStrategy(Strategy):
         rnd = self.first_round + server_round - 1
         self.started = time.perf_counter()
         self.on_event("round_start", {"round": rnd})
-        if server_round == 1:  # the federation forms: wait for min_nodes
+        if not self.formed:  # the federation forms: wait for min_nodes
             connected = connected_nodes(grid, self.min_nodes)
+            self.formed = True
         else:  # nodes may have died: go on with those left, none after a round's timeout
             connected = connected_nodes(grid, 1, self.config.flower.round_timeout_s)
         if self.owners is not None:
             self.rejoin(grid, connected)
         # A node that just missed a deadline gets no clients this round (it may be dead; the
         # SuperLink only notices after its heartbeats lapse); it is used again afterwards.
-        nodes = [n for n in connected if n not in self.suspects] or connected
-        clients = skeleton.sample_clients(
-            self.config.seed, rnd, self.config.num_clients, self.config.clients_per_round
-        )
+        self.nodes = [n for n in connected if n not in self.suspects] or connected
+        self.grid = grid
+        self.report = RoundReport(rnd, [], train_loss=0.0)
+        skeleton.start_faults(self.job, self.report)
+        self.failed, self.noised = [], []
+        self.client_wall = {"start-s": [], "load-s": [], "train-s": []}
+        self.clients = self._sample(rnd, 0)
+        self.sent_at = time.perf_counter()
+        return self._messages(rnd, 0)
+
+    def _sample(self, rnd: int, attempt: int) -> list[int]:
+        """The clients of an attempt, drawn as the embedded engine draws them; with nodes that
+        own their data, among the nodes still connected."""
+        clients = skeleton.attempt_clients(self.job, rnd, attempt)
         if self.owners is not None:  # a node is a client: sample among the nodes still there
-            alive = [cid for cid, node in self.owners.items() if node in nodes]
+            alive = [cid for cid, node in self.owners.items() if node in self.nodes]
             if len(alive) < len(self.owners):
                 size = min(self.config.clients_per_round, len(alive))
                 draw = np.random.default_rng([self.config.seed, rnd]).choice(alive, size, False)
                 clients = sorted(int(cid) for cid in draw)
-        self.report = RoundReport(rnd, clients, train_loss=0.0)
-        self.down_bytes, self.node_of, self.downloads = {}, {}, {}
+        return clients
+
+    def _messages(self, rnd: int, attempt: int) -> list[Message]:
+        """What each client of the attempt receives. A client that ``faults`` crashes gets its
+        download counted and no message (it would send nothing back), as embedded."""
+        plan = self.job.faults
+        self.down_bytes, self.node_of, self.downloads, self.crashed = {}, {}, {}, set()
         messages = []
         settings: dict[str, Any] = {}
         if self.owners is not None:  # each client is a node: only connected ones can train
@@ -353,9 +392,12 @@ class FedpeftStrategy(Strategy):
                 "num-clients": self.config.num_clients,
                 "labels": json.dumps(self.job.label_names),
             }
-            targets = [(cid, self.owners[cid]) for cid in clients]
+            targets = [(cid, self.owners[cid]) for cid in self.clients]
         else:  # any node serves any client: spread them in turn
-            targets = [(c, nodes[i % len(nodes)]) for i, c in enumerate(clients if nodes else [])]
+            nodes = self.nodes
+            targets = [
+                (c, nodes[i % len(nodes)]) for i, c in enumerate(self.clients if nodes else [])
+            ]
         int8_down = self.config.quantize == "int8" and self.config.quantize_download
         for cid, node in targets:
             down = self.method.download(rnd, cid, self.global_state)
@@ -365,6 +407,9 @@ class FedpeftStrategy(Strategy):
                 extra = {"dtypes": json.dumps({k: str(t.dtype)[6:] for k, t in down.items()})}
             blob = payload.encode(sent)
             self.down_bytes[cid] = len(blob)
+            if plan is not None and plan.crashed(rnd, cid, attempt):
+                self.crashed.add(cid)
+                continue
             received = down
             if int8_down:
                 dtypes = {k: t.dtype for k, t in down.items()}
@@ -380,14 +425,12 @@ class FedpeftStrategy(Strategy):
             messages.append(
                 Message(
                     content,
-                    self.node_of[cid],
+                    node,
                     MessageType.TRAIN,
                     ttl=self.config.flower.round_timeout_s,
                     group_id=str(rnd),
                 )
             )
-        self.report.bytes_down = sum(self.down_bytes.values())
-        self.sent_at = time.perf_counter()
         return messages
 
     def rejoin(self, grid: Grid, connected: list[int]) -> None:
@@ -410,29 +453,33 @@ class FedpeftStrategy(Strategy):
             log.info("node %s rejoined (node id %d): client %d", d["name"], d["node"], cid)
             self.owners[cid] = d["node"]
 
-    def _update(self, reply: Message) -> tuple[ClientUpdate, int] | None:
-        """A reply as a checked ClientUpdate and its payload bytes; None when it is unusable."""
-        if reply.has_error():
-            log.warning("a client failed: %s", reply.error.reason)
-            return None
+    def _fit(self, reply: Message) -> ClientFit:
+        """A client's reply as the embedded engine's ``ClientFit``: its checked update (None
+        when the upload is unusable, with the reason), bytes and simulated seconds."""
         metrics = reply.content["metrics"]
         cid = int(metrics["cid"])
+        down = self.down_bytes[cid]
+        _device, network = self.job.profiles[cid]
+        if "dp-clipped" in metrics:  # local DP: a randomised upload left the client
+            self.noised.append((cid, bool(metrics["dp-clipped"])))
+        compute_s = float(metrics["compute-s"])
         try:
             blob = payload.encode(to_state(reply.content["arrays"]))
         except Exception as err:  # noqa: BLE001 - whatever a node sent, the round goes on
-            skeleton.reject(
-                self.report, cid, f"arrays do not convert to tensors: {err}", self.on_event
+            seconds = compute_s + cost.comm_time_s(0, down, network)
+            return ClientFit(
+                None, 0, down, seconds, 0.0, f"arrays do not convert to tensors: {err}"
             )
-            return None
         expected = skeleton.expected_upload(self.job, self.report.rnd, cid, self.global_state)
         if self.config.quantize == "int8" and cid in self.downloads:
             state, reason = self._int8_update(blob, cid, expected)
         else:
             state, reason = skeleton.check_upload(blob, expected)
+        seconds = compute_s + cost.comm_time_s(len(blob), down, network)
+        for key in ("start-s", "load-s", "train-s"):
+            self.client_wall[key].append(float(metrics[key]))
         if state is None:
-            self.report.bytes_up += len(blob)
-            skeleton.reject(self.report, cid, reason, self.on_event)
-            return None
+            return ClientFit(None, len(blob), down, seconds, 0.0, reason)
         result = LocalResult(
             int(metrics["num-samples"]),
             int(metrics["steps"]),
@@ -440,15 +487,45 @@ class FedpeftStrategy(Strategy):
             int(metrics["samples-seen"]),
             int(metrics["tokens-seen"]),
         )
-        _device, network = self.job.profiles[cid]
-        seconds = float(metrics["compute-s"]) + cost.comm_time_s(
-            len(blob), self.down_bytes[cid], network
-        )
-        self.report.client_sim_s.append(seconds)
-        for key in ("start-s", "load-s", "train-s"):
-            self.client_wall[key].append(float(metrics[key]))
         reported = {key[2:]: value for key, value in metrics.items() if key.startswith("m.")}
-        return ClientUpdate(cid, state, result.num_samples, result, reported), len(blob)
+        update = ClientUpdate(cid, state, result.num_samples, result, reported)
+        return ClientFit(update, len(blob), down, seconds, 0.0)
+
+    def _settle(self, attempt: int, replies: Iterable[Message]) -> list[ClientUpdate]:
+        """An attempt's replies, client by client in sampled order (the embedded engine's, so
+        the float sums match it exactly): crashed, late and rejected clients are recorded as
+        embedded (``skeleton.settle_client``); a client that did not answer (its node died, its
+        ClientApp failed, it timed out) is listed in ``clients_failed``."""
+        report = self.report
+        answers: dict[int, Message] = {}
+        for reply in replies:
+            if reply.has_error():
+                log.warning("a client failed: %s", reply.error.reason)
+                continue
+            answers[int(reply.content["metrics"]["cid"])] = reply
+        updates, times = [], []
+        for i, cid in enumerate(self.clients):
+            crashed = cid in self.crashed
+            if crashed:
+                _device, network = self.job.profiles[cid]
+                down = self.down_bytes[cid]
+                fit = ClientFit(None, 0, down, cost.comm_time_s(0, down, network), 0.0)
+            elif cid in answers and cid in self.node_of:
+                fit = self._fit(answers[cid])
+            else:
+                self.failed.append(cid)
+                report.bytes_down += self.down_bytes.get(cid, 0)
+                continue
+            update, seconds = skeleton.settle_client(
+                self.job, report, attempt, cid, fit, crashed, self.on_event
+            )
+            times.append(seconds)
+            if update is not None:
+                updates.append(update)
+                info = {"round": report.rnd, "done": i + 1, "of": len(self.clients)}
+                self.on_event("client", {**info, "loss": update.result.mean_loss})
+        report.sim_time_s += skeleton.attempt_time_s(self.job, times)
+        return updates
 
     def _int8_update(self, blob: bytes, cid: int, expected: State) -> tuple[State | None, str]:
         """An int8 update (``fedpeft.quantize``) added back to the server's exact copy of what
@@ -467,19 +544,25 @@ class FedpeftStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        report = self.report
+        """The round's updates, aggregated as embedded. An attempt short of
+        ``faults.min_clients`` is retried here with the embedded engine's fresh sample, until
+        the last one fails the run (``faults.RoundFailed``)."""
+        report, job = self.report, self.job
+        rnd = report.rnd
+        attempt = 0
+        updates = self._settle(attempt, replies)
+        while skeleton.short_of_quorum(job, rnd, updates):
+            attempt += 1
+            if attempt >= skeleton.max_attempts(job):
+                raise skeleton.round_failed(job, rnd, self.run_dir)
+            self.clients = self._sample(rnd, attempt)
+            messages = self._messages(rnd, attempt)
+            timeout = self.config.flower.round_timeout_s
+            answers = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
+            updates = self._settle(attempt, answers)
         report.train_wall_s = time.perf_counter() - self.sent_at  # waiting on the clients
-        self.client_wall = {"start-s": [], "load-s": [], "train-s": []}
-        updates = []
-        for reply in replies:
-            checked = self._update(reply)
-            if checked is not None and checked[0].cid in self.down_bytes:
-                updates.append(checked[0])
-                report.bytes_up += checked[1]
-        # The embedded engine's order (sampled order), so the float sums match it exactly.
-        updates.sort(key=lambda u: report.clients.index(u.cid))
-        answered = {u.cid for u in updates} | {r["cid"] for r in report.rejected}
-        self.failed = [cid for cid in report.clients if cid not in answered]
+        history = self.state.history
+        skeleton.end_attempts(job, report, self.clients, attempt + 1, updates, history, self.noised)
         self.suspects = {self.node_of[cid] for cid in self.failed if cid in self.node_of}
         report.extra["clients_failed"] = self.failed
         # Where a client's wall time went (means over the answers): starting a process and
@@ -487,15 +570,12 @@ class FedpeftStrategy(Strategy):
         for key, values in self.client_wall.items():
             name = "client_" + key.replace("-s", "_s")
             report.extra[name] = sum(values) / len(values) if values else None
-        for done, update in enumerate(updates, start=1):
-            info = {"round": report.rnd, "done": done, "of": len(report.clients)}
-            self.on_event("client", {**info, "loss": update.result.mean_loss})
-        report.train_loss = skeleton.weighted_train_loss(updates)
-        report.sim_time_s = cost.round_time_s(report.client_sim_s)
         if not updates:
-            log.warning("round %d: no usable update; the global state is unchanged", report.rnd)
+            log.warning("round %d: no usable update; the global state is unchanged", rnd)
             return None, None
-        self.state.global_state = self.method.aggregate(report.rnd, self.global_state, updates)
+        self.state.global_state = skeleton.aggregate_round(
+            job, rnd, self.global_state, updates, report, history
+        )
         metrics = MetricRecord({"train-loss": report.train_loss, "clients": len(updates)})
         return ArrayRecord.from_torch_state_dict(self.global_state), metrics
 
@@ -541,15 +621,30 @@ def serve(
     state = skeleton.start_run(job, run_dir, on_event)
     load_trainable_state(job.model, state.global_state)
     strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, nodes)
-    if state.done < config.rounds:
-        strategy.start(
-            grid,
-            ArrayRecord.from_torch_state_dict(state.global_state),
-            num_rounds=config.rounds - state.done,
-            timeout=config.flower.round_timeout_s,
-            evaluate_fn=strategy.finish_round,
-        )
-    return skeleton.finish_run(job, run_dir, state)
+    skeleton.record_attackers(job, run_dir)
+    stopped = None
+    # One Flower ``start`` per round, so the run can end early as embedded: converged
+    # (early_stop), out of privacy budget (dp.max_epsilon) or short of clients (faults).
+    while state.done < config.rounds:
+        halt, stopped = skeleton.before_round(job, state.history, state.done + 1, on_event)
+        if halt:
+            break
+        strategy.first_round = done = state.done + 1
+        try:
+            strategy.start(
+                grid,
+                ArrayRecord.from_torch_state_dict(state.global_state),
+                num_rounds=1,
+                timeout=config.flower.round_timeout_s,
+                evaluate_fn=strategy.finish_round,
+            )
+        except faults.RoundFailed as err:  # the simulating fedpeft says it in one line
+            log.error("%s", err)
+            on_event("round_failed", {"text": str(err)})
+            raise
+        if state.done < done:  # nothing recorded: never loop on a round that cannot finish
+            raise RuntimeError(f"round {done} ended without being recorded")
+    return skeleton.finish_run(job, run_dir, state, stopped)
 
 
 def describe_nodes(grid: Grid, nodes: list[int], job: Job) -> list[dict]:
@@ -689,12 +784,16 @@ class FlowerEngine:
 
         app = write_app(self.work / "app", self.config, self.run_dir.path, simulation=True)
         failure: list[Exception] = []
+        round_failed: list[str] = []  # faults.min_clients ended the run: its one line
         stop = threading.Event()
 
         def echo(line: str) -> None:  # runs in the thread reading flwr's output
             event = read_event(line)
             if line.startswith(LOG_PREFIX + "WARNING"):  # e.g. a client that failed
                 event = ("note", {"text": line[len(LOG_PREFIX) :].rstrip()})
+            if event is not None and event[0] == "round_failed":  # raised here, after the run
+                round_failed.append(str(event[1]["text"]))
+                return
             if event is None or stop.is_set():
                 return
             try:
@@ -711,7 +810,11 @@ class FlowerEngine:
         except Interrupted:
             raise failure[0] from None
         except FlowerError as err:
+            if round_failed:
+                raise faults.RoundFailed(round_failed[0]) from None
             raise RuntimeError(f"the Flower simulation failed: {err}") from None
+        if round_failed:
+            raise faults.RoundFailed(round_failed[0])
         if not self.run_dir.summary_path.is_file():
             raise RuntimeError(f"the Flower simulation ended without finishing; see {self.work}")
         return json.loads(self.run_dir.summary_path.read_text())

@@ -13,34 +13,39 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from dataclasses import replace
 from typing import Any
 
-from fedpeft import attacks, cost, faults, payload, quantize
-from fedpeft.algorithms import dp
+from fedpeft import cost, payload, quantize
 from fedpeft.client import Evaluation
 from fedpeft.engine.run import (
     ProgressHook,
     RunState,
+    aggregate_round,
+    attempt_clients,
+    attempt_time_s,
+    before_round,
     check_upload,
     client_seed,
-    converged,
+    client_upload,
+    end_attempts,
     estimate_client_time_s,
     evaluate_split,
     expected_upload,
     finish_round,
     finish_run,
-    reject,
+    max_attempts,
+    record_attackers,
+    round_failed,
     sample_clients,
+    settle_client,
+    short_of_quorum,
+    start_faults,
     start_run,
-    train_client,
-    weighted_train_loss,
 )
 from fedpeft.job import Job
 from fedpeft.methods.base import ClientFit, ClientRunner, ClientUpdate, RoundDriver, RoundReport
 from fedpeft.peft.base import State, load_trainable_state
-from fedpeft.runs import RunDir, write_json
+from fedpeft.runs import RunDir
 
 log = logging.getLogger("fedpeft.engine")
 
@@ -61,7 +66,6 @@ class EmbeddedEngine:
         self.method = job.method
         self.on_event = on_event or (lambda _kind, _info: None)
         self.state: RunState | None = None
-        self.dp_clip_norm = job.dp.clip_norm if job.dp is not None else None
         self.dp_noised: list[tuple[int, bool]] = []  # local DP: (client, clipped) this round
 
     # -- one client -------------------------------------------------------------------------
@@ -90,19 +94,10 @@ class EmbeddedEngine:
             _device, network = job.profiles[cid]
             seconds = cost.comm_time_s(0, len(down_blob), network)
             return ClientFit(None, 0, len(down_blob), seconds, time.perf_counter() - started)
-        plan = job.attack  # a simulated attacker poisons its labels or its upload
-        attacking = plan is not None and cid in plan.attackers
-        if plan is not None and not (self.run_dir.path / "attackers.json").is_file():
-            write_json(self.run_dir.path / "attackers.json", plan.record())
-        trainer = job
-        if attacking and plan.kind == "label_flip":
-            trainer = replace(job, train=attacks.flip_labels(job.train, len(job.label_names)))
-        work = train_client(trainer, rnd, cid, received, self.state.store.of(cid), stream)
-        if job.dp is not None and job.dp.local:  # the client randomises its own upload
-            work.sent, clipped = job.dp.randomize(received, work.sent, rnd, cid)
+        record_attackers(job, self.run_dir)
+        work, clipped = client_upload(job, rnd, cid, received, self.state.store.of(cid), stream)
+        if clipped is not None:  # local DP: the upload left the client randomised
             self.dp_noised.append((cid, clipped))
-        if attacking and plan.kind in attacks.UPDATE_ATTACKS:
-            work.sent = attacks.poison_update(plan, work.sent, received, rnd, cid, *stream)
         expected = expected_upload(job, rnd, cid, global_state)
         if int8:  # the update trained - received travels as int8 codes + scales;
             # the server adds it to its own exact copy of what it sent, so download
@@ -130,52 +125,22 @@ class EmbeddedEngine:
 
     # -- one round ------------------------------------------------------------------------------
     def _round(self, rnd: int, global_state: State) -> tuple[State, RoundReport]:
-        config, plan = self.config, self.job.faults
+        job = self.job
         if isinstance(self.method, RoundDriver):  # the method drives its own round (AutoFedNLP)
             return self.method.run_round(rnd, global_state, _Runner(self))
         report = RoundReport(rnd, [], train_loss=0.0)
         self.dp_noised = []
-        if plan is not None:
-            report.extra.update(clients_dropped=[], stragglers_in_round=[])
-        attempts = 1 + (plan.retries if plan is not None and plan.min_clients else 0)
-        for attempt in range(attempts):
-            if attempt == 0:
-                clients = sample_clients(
-                    config.seed, rnd, config.num_clients, config.clients_per_round
-                )
-            else:
-                clients = plan.sample(rnd, attempt, config.num_clients, config.clients_per_round)
+        start_faults(job, report)
+        for attempt in range(max_attempts(job)):
+            clients = attempt_clients(job, rnd, attempt)
             updates = self._attempt(rnd, attempt, clients, global_state, report)
-            if plan is None or len(updates) >= plan.min_clients:
+            if not short_of_quorum(job, rnd, updates):
                 break
-            log.warning(
-                "round %d: %d usable update(s), faults.min_clients is %d",
-                rnd,
-                len(updates),
-                plan.min_clients,
-            )
         else:
-            raise faults.RoundFailed(
-                f"round {rnd}: fewer than faults.min_clients ({plan.min_clients}) usable updates "
-                f"after {attempts} attempt(s); the run stops, its {rnd - 1} finished round(s) "
-                f"kept in {self.run_dir.path}"
-            )
-        report.clients = clients
-        if plan is not None:
-            report.extra["attempts"] = attempt + 1
-        if self.job.attack is not None:
-            attackers = set(self.job.attack.attackers)
-            report.extra["attackers_in_round"] = [c for c in clients if c in attackers]
-        report.train_loss = weighted_train_loss(updates)
-        if self.job.dp is not None and self.job.dp.local:
-            report.extra.update(self._local_dp_row())
-        elif self.job.dp is not None:  # counted whether or not the round releases anything
-            report.extra.update(epsilon=self.job.dp.epsilon_after(rnd), dp_delta=self.job.dp.delta)
-        if not updates:  # every upload was rejected: the round goes on, the model stays
-            return global_state, report
-        if self.job.dp is not None and not self.job.dp.local:
-            return self._dp_aggregate(rnd, global_state, updates, report), report
-        return self.method.aggregate(rnd, global_state, updates), report
+            raise round_failed(job, rnd, self.run_dir)
+        history = self.state.history
+        end_attempts(job, report, clients, attempt + 1, updates, history, self.dp_noised)
+        return aggregate_round(job, rnd, global_state, updates, report, history), report
 
     def _attempt(
         self,
@@ -192,88 +157,20 @@ class EmbeddedEngine:
         for i, cid in enumerate(clients):
             crashed = plan is not None and plan.crashed(rnd, cid, attempt)
             fit = self._client_round(rnd, cid, global_state, crashed=crashed)
-            report.bytes_up += fit.bytes_up
-            report.bytes_down += fit.bytes_down
             report.train_wall_s += fit.wall_s
-            seconds = fit.sim_time_s
-            if plan is not None:
-                seconds = plan.client_time_s(cid, seconds)
-                if cid in plan.stragglers:
-                    report.extra["stragglers_in_round"].append(cid)
+            update, seconds = settle_client(
+                self.job, report, attempt, cid, fit, crashed, self.on_event
+            )
             times.append(seconds)
-            report.client_sim_s.append(seconds)
-            dropped = "crashed" if crashed else None
-            if plan is not None and not crashed and plan.late(seconds):
-                dropped = f"deadline ({seconds:.1f} s > {plan.deadline_s:g} s)"
-            if dropped is not None:
-                log.warning("round %d: client %d dropped: %s", rnd, cid, dropped)
-                entry = {"cid": cid, "reason": dropped.split(" ")[0], "attempt": attempt}
-                if dropped != "crashed":
-                    entry["detail"] = dropped
-                report.extra["clients_dropped"].append(entry)
-                self.on_event("dropped", {"round": rnd, "cid": cid, "reason": dropped})
+            if update is None:
                 continue
-            if fit.update is None:
-                reject(report, cid, fit.rejected or "rejected", self.on_event)
-                continue
-            updates.append(fit.update)
+            updates.append(update)
             self.on_event(
                 "client",
-                {
-                    "round": rnd,
-                    "done": i + 1,
-                    "of": len(clients),
-                    "loss": fit.update.result.mean_loss,
-                },
+                {"round": rnd, "done": i + 1, "of": len(clients), "loss": update.result.mean_loss},
             )
-        seconds = cost.round_time_s(times)
-        report.sim_time_s += plan.round_time_s(seconds) if plan is not None else seconds
+        report.sim_time_s += attempt_time_s(self.job, times)
         return updates
-
-    def _dp_aggregate(
-        self, rnd: int, global_state: State, updates: list[ClientUpdate], report: RoundReport
-    ) -> State:
-        """DP-FedAvg (``fedpeft/algorithms/dp.py``) in place of the method's aggregation."""
-        plan = self.job.dp
-        new_state, done = dp.dp_fedavg(
-            global_state,
-            [u.state for u in updates],
-            clip_norm=self.dp_clip_norm,
-            noise_multiplier=plan.noise_multiplier,
-            generator=dp.round_generator(plan.seed, rnd),
-            adaptive=plan.adaptive,
-            target_quantile=plan.target_quantile,
-            clip_lr=plan.clip_lr,
-            count_std=plan.count_noise,
-        )
-        self.dp_clip_norm = done.next_clip_norm
-        report.extra.update(
-            dp_clip_norm=done.clip_norm,
-            dp_noise_std=done.noise_std,
-            dp_clipped_fraction=done.clipped_fraction,
-            dp_clip_norm_next=done.next_clip_norm,
-        )
-        return new_state
-
-    def _local_uploads(self) -> Counter:
-        """Local DP: how many randomised uploads each client has sent in the finished rounds."""
-        rows = self.state.history
-        return Counter(cid for row in rows for cid in row.get("dp_noised_clients", []))
-
-    def _local_dp_row(self) -> dict:
-        """Local DP's fields of a metrics row: who sent a randomised upload this round (crashed
-        clients sent none; late and rejected ones did) and the worst client's epsilon."""
-        plan = self.job.dp
-        uploads = self._local_uploads() + Counter(cid for cid, _ in self.dp_noised)
-        clipped = [c for _, c in self.dp_noised]
-        return {
-            "epsilon": plan.local_epsilon_after(max(uploads.values(), default=0)),
-            "dp_delta": plan.delta,
-            "dp_mode": "local",
-            "dp_noised_clients": [cid for cid, _ in self.dp_noised],
-            "dp_noise_std": plan.noise_multiplier * plan.clip_norm,
-            "dp_clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
-        }
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -281,15 +178,9 @@ class EmbeddedEngine:
         self.state = state = start_run(job, run_dir, self.on_event)
         self._load(state.global_state)
         stopped = None
-        if job.dp is not None:  # the adaptive clip norm lives in the metrics rows
-            last = state.history[-1] if state.history else {}
-            self.dp_clip_norm = last.get("dp_clip_norm_next", job.dp.clip_norm)
-        stop = self.config.early_stop
         for rnd in range(state.done + 1, self.config.rounds + 1):
-            if stop is not None and converged(state.history, stop.patience, stop.min_delta):
-                break  # finish_run records it (also when a converged run is resumed)
-            stopped = self._privacy_spent(rnd)
-            if stopped is not None:
+            halt, stopped = before_round(job, state.history, rnd, self.on_event)
+            if halt:  # converged (finish_run records it, also when resumed) or out of budget
                 break
             started = time.perf_counter()
             self.on_event("round_start", {"round": rnd})
@@ -297,26 +188,6 @@ class EmbeddedEngine:
             self._load(state.global_state)
             finish_round(job, run_dir, state, report, started, self.on_event)
         return finish_run(job, run_dir, state, stopped)
-
-    def _privacy_spent(self, rnd: int) -> str | None:
-        """Why round ``rnd`` must not run (it would exceed dp.max_epsilon), else None."""
-        plan = self.job.dp
-        if plan is None or plan.max_epsilon is None:
-            return None
-        if plan.local:  # any client may be sampled: the one with most uploads could pass it
-            after = plan.local_epsilon_after(max(self._local_uploads().values(), default=0) + 1)
-            what = "a client's epsilon could reach"
-        else:
-            after, what = plan.epsilon_after(rnd), "epsilon would reach"
-        if after <= plan.max_epsilon:
-            return None
-        text = (
-            f"stopped before round {rnd}: {what} {after:.3g} > dp.max_epsilon "
-            f"{plan.max_epsilon:g} (delta {plan.delta:g})"
-        )
-        log.warning(text)
-        self.on_event("note", {"text": text})
-        return text
 
     def _load(self, state: State) -> None:
         """Load a global state into the resident model, reshaped first if the method reshapes it."""

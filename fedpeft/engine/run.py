@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from fedpeft import cost, payload
+from fedpeft import attacks, cost, faults, payload
+from fedpeft.algorithms import dp
 from fedpeft.cache import cache_start_layer
 from fedpeft.client import Evaluation, LocalResult, evaluate, train_local
 from fedpeft.job import Job
-from fedpeft.methods.base import ClientSession, ClientUpdate, RoundReport
+from fedpeft.methods.base import ClientFit, ClientSession, ClientUpdate, RoundReport
 from fedpeft.peft.base import (
     State,
     count_trainable,
@@ -31,7 +33,15 @@ from fedpeft.peft.base import (
     trainable_parameters,
     trainable_state,
 )
-from fedpeft.runs import Checkpoint, RunDir, rng_state, set_rng_state, write_safetensors, write_text
+from fedpeft.runs import (
+    Checkpoint,
+    RunDir,
+    rng_state,
+    set_rng_state,
+    write_json,
+    write_safetensors,
+    write_text,
+)
 from fedpeft.summary import summarise
 
 log = logging.getLogger("fedpeft.run")
@@ -160,6 +170,39 @@ def train_client(
     return ClientWork(sent, result, cost.compute_time_s(flops, device), metrics)
 
 
+def client_upload(
+    job: Job,
+    rnd: int,
+    cid: int,
+    received: State,
+    store: State,
+    stream: tuple[int, ...] = (),
+) -> tuple[ClientWork, bool | None]:
+    """``train_client`` as a client of this run does it, in every engine: a simulated attacker
+    (``job.attack``) trains on flipped labels or poisons what it sends, and under local DP the
+    client clips and noises its upload first. Returns the work (``sent``: what goes on the wire)
+    and, under local DP, whether the update was clipped (else None)."""
+    plan = job.attack
+    attacking = plan is not None and cid in plan.attackers
+    trainer = job
+    if attacking and plan.kind == "label_flip":
+        trainer = replace(job, train=attacks.flip_labels(job.train, len(job.label_names)))
+    work = train_client(trainer, rnd, cid, received, store, stream)
+    clipped = None
+    if job.dp is not None and job.dp.local:  # the client randomises its own upload
+        work.sent, clipped = job.dp.randomize(received, work.sent, rnd, cid)
+    if attacking and plan.kind in attacks.UPDATE_ATTACKS:
+        work.sent = attacks.poison_update(plan, work.sent, received, rnd, cid, *stream)
+    return work, clipped
+
+
+def record_attackers(job: Job, run_dir: RunDir) -> None:
+    """Write the run's attackers (``attackers.json``) once, before any of them sends anything."""
+    path = run_dir.path / "attackers.json"
+    if job.attack is not None and not path.is_file():
+        write_json(path, job.attack.record())
+
+
 def local_flops(
     job: Job, seq_len: int, samples: int, cached_from: int | None, misses: int
 ) -> float:
@@ -233,6 +276,207 @@ def reject(report: RoundReport, cid: int, reason: str, on_event: ProgressHook) -
     log.warning("round %d: client %d's update rejected: %s", report.rnd, cid, reason)
     report.rejected.append({"cid": cid, "reason": reason})
     on_event("rejected", {"round": report.rnd, "cid": cid, "reason": reason})
+
+
+# -- a round's clients under faults, attacks and DP (both engines) --------------------------------
+def attempt_clients(job: Job, rnd: int, attempt: int) -> list[int]:
+    """The clients of attempt ``attempt`` of round ``rnd``: the round's draw, then, for a retry
+    (``faults.min_clients``), a fresh seeded one."""
+    config = job.config
+    if attempt == 0:
+        return sample_clients(config.seed, rnd, config.num_clients, config.clients_per_round)
+    return job.faults.sample(rnd, attempt, config.num_clients, config.clients_per_round)
+
+
+def max_attempts(job: Job) -> int:
+    """How many samples a round may try before it fails (``faults.retries`` + 1 with a quorum)."""
+    plan = job.faults
+    return 1 + (plan.retries if plan is not None and plan.min_clients else 0)
+
+
+def short_of_quorum(job: Job, rnd: int, updates: list[ClientUpdate]) -> bool:
+    """Whether an attempt ended with fewer usable updates than ``faults.min_clients``."""
+    plan = job.faults
+    if plan is None or len(updates) >= plan.min_clients:
+        return False
+    log.warning(
+        "round %d: %d usable update(s), faults.min_clients is %d",
+        rnd,
+        len(updates),
+        plan.min_clients,
+    )
+    return True
+
+
+def round_failed(job: Job, rnd: int, run_dir: RunDir) -> faults.RoundFailed:
+    """The one-line error of a round that every attempt left short of ``faults.min_clients``."""
+    return faults.RoundFailed(
+        f"round {rnd}: fewer than faults.min_clients ({job.faults.min_clients}) usable updates "
+        f"after {max_attempts(job)} attempt(s); the run stops, its {rnd - 1} finished round(s) "
+        f"kept in {run_dir.path}"
+    )
+
+
+def start_faults(job: Job, report: RoundReport) -> None:
+    """The fault fields every row of a run with ``faults`` carries."""
+    if job.faults is not None:
+        report.extra.update(clients_dropped=[], stragglers_in_round=[])
+
+
+def settle_client(
+    job: Job,
+    report: RoundReport,
+    attempt: int,
+    cid: int,
+    fit: ClientFit,
+    crashed: bool,
+    on_event: ProgressHook,
+) -> tuple[ClientUpdate | None, float]:
+    """One client's fit as the round records it: its bytes, its simulated seconds (stretched
+    for a straggler), and whether the server uses its update: not when it crashed or missed
+    ``faults.deadline_s`` (``clients_dropped``) or its upload was rejected. Returns (the usable
+    update or None, the client's simulated seconds)."""
+    plan = job.faults
+    report.bytes_up += fit.bytes_up
+    report.bytes_down += fit.bytes_down
+    seconds = fit.sim_time_s
+    if plan is not None:
+        seconds = plan.client_time_s(cid, seconds)
+        if cid in plan.stragglers:
+            report.extra["stragglers_in_round"].append(cid)
+    report.client_sim_s.append(seconds)
+    dropped = "crashed" if crashed else None
+    if plan is not None and not crashed and plan.late(seconds):
+        dropped = f"deadline ({seconds:.1f} s > {plan.deadline_s:g} s)"
+    if dropped is not None:
+        log.warning("round %d: client %d dropped: %s", report.rnd, cid, dropped)
+        entry = {"cid": cid, "reason": dropped.split(" ")[0], "attempt": attempt}
+        if dropped != "crashed":
+            entry["detail"] = dropped
+        report.extra["clients_dropped"].append(entry)
+        on_event("dropped", {"round": report.rnd, "cid": cid, "reason": dropped})
+        return None, seconds
+    if fit.update is None:
+        reject(report, cid, fit.rejected or "rejected", on_event)
+        return None, seconds
+    return fit.update, seconds
+
+
+def attempt_time_s(job: Job, times: list[float]) -> float:
+    """An attempt lasts as long as its slowest client, at most ``faults.deadline_s``."""
+    seconds = cost.round_time_s(times)
+    return job.faults.round_time_s(seconds) if job.faults is not None else seconds
+
+
+def local_uploads(history: list[dict[str, Any]]) -> Counter:
+    """Local DP: how many randomised uploads each client has sent in the finished rounds."""
+    return Counter(cid for row in history for cid in row.get("dp_noised_clients", []))
+
+
+def end_attempts(
+    job: Job,
+    report: RoundReport,
+    clients: list[int],
+    attempts: int,
+    updates: list[ClientUpdate],
+    history: list[dict[str, Any]],
+    noised: list[tuple[int, bool]],
+) -> None:
+    """The round's record once its last attempt is in: its clients, attempts, attackers, loss,
+    and its privacy (``noised``: local DP's (client, clipped) of each randomised upload sent
+    this round: crashed clients sent none, late and rejected ones did)."""
+    report.clients = clients
+    if job.faults is not None:
+        report.extra["attempts"] = attempts
+    if job.attack is not None:
+        attackers = set(job.attack.attackers)
+        report.extra["attackers_in_round"] = [c for c in clients if c in attackers]
+    report.train_loss = weighted_train_loss(updates)
+    plan = job.dp
+    if plan is not None and plan.local:
+        uploads = local_uploads(history) + Counter(cid for cid, _ in noised)
+        clipped = [c for _, c in noised]
+        report.extra.update(
+            epsilon=plan.local_epsilon_after(max(uploads.values(), default=0)),
+            dp_delta=plan.delta,
+            dp_mode="local",
+            dp_noised_clients=[cid for cid, _ in noised],
+            dp_noise_std=plan.noise_multiplier * plan.clip_norm,
+            dp_clipped_fraction=sum(clipped) / len(clipped) if clipped else None,
+        )
+    elif plan is not None:  # counted whether or not the round releases anything
+        report.extra.update(epsilon=plan.epsilon_after(report.rnd), dp_delta=plan.delta)
+
+
+def dp_clip_norm(job: Job, history: list[dict[str, Any]]) -> float | None:
+    """Central DP's clip norm for the next round: adaptive clipping keeps it in the rows (a
+    round without updates keeps the one before)."""
+    if job.dp is None:
+        return None
+    kept = [row["dp_clip_norm_next"] for row in history if "dp_clip_norm_next" in row]
+    return kept[-1] if kept else job.dp.clip_norm
+
+
+def aggregate_round(
+    job: Job,
+    rnd: int,
+    global_state: State,
+    updates: list[ClientUpdate],
+    report: RoundReport,
+    history: list[dict[str, Any]],
+) -> State:
+    """The next global state: the method's aggregation, or DP-FedAvg (``algorithms/dp.py``)
+    with central DP, clipped to the clip norm of ``dp_clip_norm`` (the row records the next)."""
+    if not updates:  # every upload was dropped or rejected: the round goes on, the model stays
+        return global_state
+    plan = job.dp
+    if plan is None or plan.local:
+        return job.method.aggregate(rnd, global_state, updates)
+    new_state, done = dp.dp_fedavg(
+        global_state,
+        [u.state for u in updates],
+        clip_norm=dp_clip_norm(job, history),
+        noise_multiplier=plan.noise_multiplier,
+        generator=dp.round_generator(plan.seed, rnd),
+        adaptive=plan.adaptive,
+        target_quantile=plan.target_quantile,
+        clip_lr=plan.clip_lr,
+        count_std=plan.count_noise,
+    )
+    report.extra.update(
+        dp_clip_norm=done.clip_norm,
+        dp_noise_std=done.noise_std,
+        dp_clipped_fraction=done.clipped_fraction,
+        dp_clip_norm_next=done.next_clip_norm,
+    )
+    return new_state
+
+
+def before_round(
+    job: Job, history: list[dict[str, Any]], rnd: int, on_event: ProgressHook
+) -> tuple[bool, str | None]:
+    """Whether round ``rnd`` must not run, and why for the summary: the run converged
+    (``early_stop``: ``finish_run`` records it) or the round would pass ``dp.max_epsilon``."""
+    stop = job.config.early_stop
+    if stop is not None and converged(history, stop.patience, stop.min_delta):
+        return True, None
+    plan = job.dp
+    if plan is None or plan.max_epsilon is None:
+        return False, None
+    if plan.local:  # any client may be sampled: the one with most uploads could pass it
+        after = plan.local_epsilon_after(max(local_uploads(history).values(), default=0) + 1)
+        what = "a client's epsilon could reach"
+    else:
+        after, what = plan.epsilon_after(rnd), "epsilon would reach"
+    if after <= plan.max_epsilon:
+        return False, None
+    text = (
+        f"stopped before round {rnd}: {what} {after:.3g} > dp.max_epsilon "
+        f"{plan.max_epsilon:g} (delta {plan.delta:g})"
+    )
+    log.warning(text)
+    on_event("note", {"text": text})
+    return True, text
 
 
 # -- evaluation -----------------------------------------------------------------------------------

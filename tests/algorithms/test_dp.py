@@ -121,7 +121,6 @@ def test_subsampling_amplifies_privacy_and_epsilon_grows_with_rounds():
         ({"algorithm": "fedadam"}, "fedadam does not compose"),
         ({"quantize": "int8"}, "quantize: int8 codes are not clipped"),
         ({"robust": {"clip_norm": 1.0}}, "dp clips updates itself"),
-        ({"engine": "flower"}, "engine flower does not run DP-FedAvg"),
         ({"method": "fibecfed"}, "fibecfed aggregates its own way"),
         ({"dp": {"noise_multiplier": 1.0, "adaptive": True}}, "needs 2 x count noise"),
     ],

@@ -16,6 +16,7 @@ from fedpeft.config import ConfigError, build_config, dump_config
 from fedpeft.engine.flower import FlowerEngine, check_supported
 from fedpeft.engine.flower_deploy import deployment_commands, make_credentials, write_app
 from fedpeft.engine.local import EmbeddedEngine
+from fedpeft.faults import RoundFailed
 from fedpeft.job import build_job
 from fedpeft.runs import RunDir
 from tests.conftest import tiny_config
@@ -58,6 +59,105 @@ def test_simulation_matches_embedded_engine(tmp_path, toy_data, quantized):
         per_client = runs["flower"]["bytes_up_total"] / sum(len(r["clients"]) for r in rows_f)
         floats = sum(t.numel() for t in flower.values()) * 4
         assert per_client < 0.5 * floats, (per_client, floats)
+
+
+ROUND_RULES = {
+    # central DP under faults: round 1 is retried (client 3 crashes, straggler 2 misses the
+    # 0.1 s deadline: 1 usable update < min_clients 2), round 2 loses a crashed client, and
+    # dp.max_epsilon stops the run before round 3 (epsilon 6.36 after 2 rounds, 7.92 after 3)
+    "dp_central_faults": {
+        "clients_per_round": 3,
+        "rounds": 3,
+        "dp": {"noise_multiplier": 1.0, "clip_norm": 0.05, "max_epsilon": 7.0},
+        "faults": {
+            "crash_prob": 0.4,
+            "straggler_fraction": 0.5,
+            "straggler_factor": 4,
+            "deadline_s": 0.1,
+            "min_clients": 2,
+        },
+    },
+    # local DP, sign-flipping attackers, and early_stop (no round gains 1.0: it converges
+    # after round 2, before its cap of 3)
+    "dp_local_attack_early_stop": {
+        "rounds": 3,
+        "dp": {"noise_multiplier": 0.5, "clip_norm": 0.05, "mode": "local"},
+        "attack": {"type": "sign_flip", "fraction": 0.5},
+        "early_stop": {"patience": 1, "min_delta": 1.0},
+    },
+}
+
+
+@pytest.mark.parametrize("rules", list(ROUND_RULES), ids=list(ROUND_RULES))
+def test_simulation_matches_embedded_engine_under_dp_faults_attacks(tmp_path, toy_data, rules):
+    """DP (central and local), faults, attackers and early stopping run on Flower as embedded:
+    the same weights, bytes, epsilon, dropped clients and retries, attackers and stop."""
+    base = tiny_config(toy_data, method="lora", algorithm="fedavg", **ROUND_RULES[rules])
+    runs = {}
+    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
+        config = build_config({**base, "engine": engine})
+        run = RunDir.create(tmp_path / engine, dump_config(config))
+        runs[engine] = cls(build_job(config), run).run()
+    embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
+    flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    for name in embedded:
+        assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
+    rows_e, rows_f = metrics(tmp_path / "embedded"), metrics(tmp_path / "flower")
+    assert len(rows_e) == len(rows_f) == 2  # both stopped before round 3, for the same reason
+    for key in ("stopped", "converged", "epsilon", "bytes_up_total", "bytes_down_total"):
+        assert runs["flower"].get(key) == runs["embedded"].get(key), key
+    fields = (
+        "clients",
+        "epsilon",
+        "dp_clipped_fraction",
+        "dp_noised_clients",
+        "clients_dropped",
+        "stragglers_in_round",
+        "attempts",
+        "attackers_in_round",
+        "clients_rejected",
+    )
+    for row_e, row_f in zip(rows_e, rows_f, strict=True):
+        for key in fields:
+            assert row_f.get(key) == row_e.get(key), (row_e["round"], key)
+        assert row_f["sim_time_s"] == pytest.approx(row_e["sim_time_s"])
+        assert row_f["clients_failed"] == []
+    assert all(r["epsilon"] > 0 for r in rows_f)
+    if rules == "dp_central_faults":
+        assert "dp.max_epsilon" in runs["flower"]["stopped"]
+        assert rows_f[0]["attempts"] == 2 and rows_f[1]["attempts"] == 1
+        reasons = {d["reason"] for r in rows_f for d in r["clients_dropped"]}
+        assert reasons == {"crashed", "deadline"}
+    else:
+        assert runs["flower"]["converged"] and not runs["flower"]["cap_hit"]
+        assert rows_f[0]["dp_mode"] == "local" and rows_f[0]["dp_noised_clients"]
+        assert any(r["attackers_in_round"] for r in rows_f)
+        attackers = (tmp_path / "flower" / "attackers.json").read_text()
+        assert attackers == (tmp_path / "embedded" / "attackers.json").read_text()
+
+
+def test_a_round_short_of_min_clients_stops_both_engines_alike(tmp_path, toy_data):
+    """faults.min_clients 3 of 3: round 1 passes on its retry; every attempt of round 2 loses a
+    client (crashed or late), so both engines stop in one line with round 1 kept."""
+    rules = {**ROUND_RULES["dp_central_faults"], "rounds": 2}
+    rules = {**rules, "dp": {}, "faults": {**rules["faults"], "min_clients": 3}}
+    base = tiny_config(toy_data, method="lora", algorithm="fedavg", **rules)
+    errors = {}
+    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
+        config = build_config({**base, "engine": engine})
+        run = RunDir.create(tmp_path / engine, dump_config(config))
+        with pytest.raises(RoundFailed) as info:
+            cls(build_job(config), run).run()
+        errors[engine] = str(info.value).replace(str(run.path), "RUN")
+        assert [r["round"] for r in metrics(run.path)] == [1]
+    assert errors["flower"] == errors["embedded"]
+    assert errors["flower"].startswith("round 2: fewer than faults.min_clients (3)")
+    assert "\n" not in errors["flower"]
+    assert psutil.Process().children(recursive=True) == []
+    embedded = load_file(str(tmp_path / "embedded" / "best.safetensors"))
+    flower = load_file(str(tmp_path / "flower" / "best.safetensors"))
+    for name in embedded:
+        assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
 
 
 def test_config_accepts_flower_and_validates_its_section(toy_data):
@@ -173,6 +273,13 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
             "membership_inference",
         ),
         (["flower", "local", str(config), "--nodes", "3"], "num_clients"),
+        (["flower", "local", str(config), "--set", "dp.noise_multiplier=1"], "dp: a deployment"),
+        (["flower", "local", str(config), "--set", "faults.deadline_s=5"], "faults: a deploy"),
+        (
+            ["flower", "prepare", str(config), "--set", "attack.type=sign_flip", "--set"]
+            + ["attack.fraction=0.5"],
+            "attack: a deployment",
+        ),
         (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=0.5"], "whole"),
