@@ -157,7 +157,9 @@ def make_credentials(
     folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), num_nodes: int = 2
 ) -> Credentials:
     """A CA, a SuperLink certificate for ``hosts`` signed by it, and ``num_nodes`` SuperNode key
-    pairs (ECDSA P-384, OpenSSH format, as ``flower-supernode`` and ``flwr supernode`` expect)."""
+    pairs (ECDSA P-384, OpenSSH format, as ``flower-supernode`` and ``flwr supernode`` expect).
+    Paths come back absolute: the processes they are handed to run in other folders."""
+    folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -184,7 +186,8 @@ def make_credentials(
 
 
 def read_credentials(folder: Path) -> Credentials:
-    """The files ``make_credentials`` wrote into ``folder``."""
+    """The files ``make_credentials`` wrote into ``folder`` (as absolute paths)."""
+    folder = Path(folder).resolve()
     creds = Credentials(folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key")
     creds.node_keys = sorted(p.with_suffix("") for p in folder.glob("supernode-*.pub"))
     missing = [p for p in (creds.ca_cert, creds.server_cert, creds.server_key) if not p.is_file()]

@@ -201,6 +201,21 @@ def test_app_folder_carries_the_run_and_secure_commands(tmp_path, toy_data):
     assert (creds.node_keys[0].stat().st_mode & 0o077) == 0  # private keys are private
 
 
+def test_credentials_are_absolute_whatever_folder_they_are_named_by(tmp_path, monkeypatch):
+    """The SuperLink runs in the run's own folder: a relative certificate path would not be found
+    there (``flower local --out runs/x`` with TLS failed so)."""
+    from fedpeft.engine.flower_deploy import read_credentials, superlink_argv
+
+    monkeypatch.chdir(tmp_path)
+    made = make_credentials(Path("certs"), num_nodes=1)
+    read = read_credentials(Path("certs"))
+    for creds in (made, read):
+        paths = [creds.ca_cert, creds.server_cert, creds.server_key, *creds.node_keys]
+        assert all(p.is_absolute() and p.is_file() for p in paths)
+        argv = superlink_argv("127.0.0.1", 9093, creds)
+        assert argv[argv.index("--ssl-ca-certfile") + 1] == str(tmp_path / "certs" / "ca.crt")
+
+
 def test_cli_certs_then_prepare(tmp_path, toy_data, capsys):
     from fedpeft.cli import main
 
