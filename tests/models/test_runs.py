@@ -1,8 +1,9 @@
-"""Every PEFT method, C2A and FibecFed for a round in the embedded engine, on each model family;
-predictions from a run of another family (tests/test_export.py exports every family)."""
+"""Every PEFT method and seed system (C2A, FibecFed, AutoFedNLP) in the embedded engine, on each
+model family; predictions from a run of another family (tests/test_export.py exports every family)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,29 @@ def test_a_decoder_run_predicts(tmp_path, toy_data):
     model = load_run_model(run.path)
     rows = predict(model, ["the football team won the match", "shares fell"])
     assert len(rows) == 2 and all(label in model.label_names for label, _ in rows)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_autofednlp_runs_on_every_family(tmp_path, toy_data, name):
+    """Two trial periods with the activation cache: trial groups, depth/width candidates and the
+    cached bottom layers all go through the family's description."""
+    config = one_round(
+        toy_data,
+        name,
+        method="autofednlp",
+        rounds=2,
+        num_clients=12,
+        clients_per_round=2,
+        max_train_samples=160,
+        validation_size=40,
+        autofednlp={"rounds_per_period": 2, "start_depth": 1},
+        activation_cache={"enabled": True, "dtype": "fp32"},
+    )
+    summary, run = run_once(tmp_path / "run", **config)
+    assert summary["rounds_completed"] == 2
+    trials = (run.path / "trials.jsonl").read_text().splitlines()
+    assert len(trials) == 2
+    first, second = (json.loads(line)["candidates"] for line in trials)
+    assert {c["name"] for c in first} == {"shallow", "deep", "wide"}  # from depth 1
+    assert 2 <= len(second) <= 3  # no "deep" once the tiny model's layers are all trained
+    assert all(c["rounds"] >= 2 for c in first + second)
