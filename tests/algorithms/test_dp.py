@@ -257,7 +257,6 @@ def test_local_epsilon_matches_an_independent_rdp_computation_at_half_the_multip
     [
         ({"dp": {"noise_multiplier": 1.0, "mode": "local", "adaptive": True}}, "^dp.adaptive: "),
         ({"dp": {"noise_multiplier": 1.0, "mode": "locall"}}, "^dp.mode: "),
-        ({"dp": {"noise_multiplier": 1.0, "mode": "local"}, "engine": "flower"}, "engine flower"),
         ({"dp": {"noise_multiplier": 1.0, "mode": "local"}, "method": "c2a"}, "c2a aggregates"),
     ],
 )
