@@ -30,38 +30,37 @@ def run_once(folder: Path, **config) -> tuple[dict, RunDir]:
     return EmbeddedEngine(build_job(cfg), run).run(), run
 
 
-def one_round(toy_data, name: str, **overrides) -> dict:
-    settings = {"rounds": 1, "max_train_samples": 96, "max_test_samples": 32, **overrides}
+def two_rounds(toy_data, name: str, **overrides) -> dict:
+    settings = {"rounds": 2, "max_train_samples": 96, "max_test_samples": 32, **overrides}
     return tiny_config(toy_data, model=spec(name), **settings)
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_every_family(tmp_path, toy_data, name, method):
-    config = one_round(toy_data, name, method=method)
+    config = two_rounds(toy_data, name, method=method)
     if (name, method) == ("distilbert", "prefix"):
         with pytest.raises(ModelError, match="prefix-tuning"):
             run_once(tmp_path / "run", **config)
         return
     summary, _ = run_once(tmp_path / "run", **config)
-    assert summary["rounds_completed"] == 1
+    assert summary["rounds_completed"] == 2
     assert 0.0 <= summary["final_accuracy"] <= 1.0
     assert summary["trainable_params"] > 0 and summary["bytes_up_total"] > 0
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_c2a_runs_on_every_family(tmp_path, toy_data, name):
-    summary, _ = run_once(tmp_path / "run", **one_round(toy_data, name, method="c2a", lr=3e-3))
-    assert summary["rounds_completed"] == 1
+    summary, _ = run_once(tmp_path / "run", **two_rounds(toy_data, name, method="c2a", lr=3e-3))
+    assert summary["rounds_completed"] == 2
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fibecfed_runs_on_every_family(tmp_path, toy_data, name):
-    config = one_round(
+    config = two_rounds(
         toy_data,
         name,
         method="fibecfed",
-        rounds=2,
         lora={"r": 4},
         fibecfed={"rescore_every": 10, "global_layers": 1, "top_neurons": 0.25},
     )
@@ -70,7 +69,7 @@ def test_fibecfed_runs_on_every_family(tmp_path, toy_data, name):
 
 
 def test_a_decoder_run_predicts(tmp_path, toy_data):
-    _, run = run_once(tmp_path / "run", **one_round(toy_data, "llama", method="lora"))
+    _, run = run_once(tmp_path / "run", **two_rounds(toy_data, "llama", method="lora"))
     model = load_run_model(run.path)
     rows = predict(model, ["the football team won the match", "shares fell"])
     assert len(rows) == 2 and all(label in model.label_names for label, _ in rows)
@@ -80,7 +79,7 @@ def test_a_decoder_run_predicts(tmp_path, toy_data):
 def test_autofednlp_runs_on_every_family(tmp_path, toy_data, name):
     """Two trial periods with the activation cache: trial groups, depth/width candidates and the
     cached bottom layers all go through the family's description."""
-    config = one_round(
+    config = two_rounds(
         toy_data,
         name,
         method="autofednlp",
