@@ -770,11 +770,13 @@ class FlowerEngine:
     def ray_env() -> dict[str, str]:
         """Ray, started by the simulation process: its services on loopback only (no cluster
         address lookup), its object store at ~256 MiB (messages are small; Ray's default is
-        30% of RAM)."""
-        total = psutil.virtual_memory().total
+        30% of RAM). Ray applies the proportion to the memory *available* when it starts, and
+        refuses a store under 75 MiB: the proportion is taken of what is available now, so a
+        busy machine still gets ~256 MiB, not a store too small to start."""
+        available = psutil.virtual_memory().available
         return {
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": f"{min(0.3, 256 * 2**20 / total):.6f}",
+            "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": f"{min(0.3, 256 * 2**20 / available):.6f}",
         }
 
     def run(self) -> dict[str, Any]:

@@ -316,3 +316,19 @@ def test_a_deployed_run_records_engine_flower(tmp_path, toy_data):
     config.write_text(yaml.safe_dump(tiny_config(toy_data, flower={"insecure": True})))
     assert main(["flower", "prepare", str(config), "--out", str(tmp_path / "run")]) == 0
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["engine"] == "flower"
+
+
+def test_ray_object_store_is_sized_from_available_memory(monkeypatch):
+    """Ray takes its store as a proportion of the memory available when it starts and refuses
+    one under 75 MiB: on a busy 24 GiB machine with 7 GiB free, a proportion of the total gave
+    70 MiB and the simulation crashed."""
+    from types import SimpleNamespace
+
+    from fedpeft.engine import flower
+
+    gib = 2**30
+    monkeypatch.setattr(
+        flower.psutil, "virtual_memory", lambda: SimpleNamespace(total=24 * gib, available=7 * gib)
+    )
+    proportion = float(flower.FlowerEngine.ray_env()["RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"])
+    assert proportion * 7 * gib == pytest.approx(256 * 2**20, rel=1e-4)
