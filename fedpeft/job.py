@@ -189,17 +189,19 @@ def client_contexts(
     return contexts
 
 
-def build_job(config: RunConfig) -> Job:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    splits, train_rows, test_rows, val_rows = load_data(config)
-    num_labels = len(splits.train.label_names)
-    groups = None
-    if config.partition == "natural":
-        groups = (train_rows.field(config.partition_field), test_rows.field(config.partition_field))
-    partition = make_partition(
-        train_rows.labels,
-        test_rows.labels,
+def natural_groups(config: RunConfig, train: TextDataset, test: TextDataset):
+    """(train, test) values of the partition field when the partition is natural, else None."""
+    if config.partition != "natural":
+        return None
+    return train.field(config.partition_field), test.field(config.partition_field)
+
+
+def partition_of(config: RunConfig, train: TextDataset, test: TextDataset):
+    """The config's split of the training (and test) rows over its clients."""
+    groups = natural_groups(config, train, test)
+    return make_partition(
+        train.labels,
+        test.labels,
         config.num_clients,
         config.partition,
         alpha=config.alpha,
@@ -207,6 +209,15 @@ def build_job(config: RunConfig) -> Job:
         train_groups=groups[0] if groups else None,
         test_groups=groups[1] if groups else None,
     )
+
+
+def build_job(config: RunConfig) -> Job:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    splits, train_rows, test_rows, val_rows = load_data(config)
+    num_labels = len(splits.train.label_names)
+    groups = natural_groups(config, train_rows, test_rows)
+    partition = partition_of(config, train_rows, test_rows)
     model, tokenizer = build_model(config, num_labels)
 
     def tok(rows: TextDataset, split: str) -> TokenizedData:

@@ -27,7 +27,7 @@ import numpy as np
 from fedpeft import cost, peft, registry
 from fedpeft.config import RunConfig
 from fedpeft.data import sources
-from fedpeft.data.partition import Partition, make_partition
+from fedpeft.data.partition import Partition
 from fedpeft.data.sources import DataError, TextDataset, subsample
 from fedpeft.data.tokenize import tokenize
 from fedpeft.job import (
@@ -36,6 +36,7 @@ from fedpeft.job import (
     build_model,
     client_contexts,
     load_data,
+    partition_of,
     training_settings,
 )
 from fedpeft.methods.base import ClientContext
@@ -244,19 +245,7 @@ def split_for_nodes(config: RunConfig, folder: Path) -> tuple[RunConfig, list[Pa
     """Client k's training rows (the config's partition) into ``folder/node-k``; the test and
     validation rows into ``folder/server``. Returns the server's config and the node folders."""
     splits, train, test, validation = load_data(config)
-    groups = None
-    if config.partition == "natural":
-        groups = (train.field(config.partition_field), test.field(config.partition_field))
-    partition = make_partition(
-        train.labels,
-        test.labels,
-        config.num_clients,
-        config.partition,
-        alpha=config.alpha,
-        seed=config.seed,
-        train_groups=groups[0] if groups else None,
-        test_groups=groups[1] if groups else None,
-    )
+    partition = partition_of(config, train, test)
     names = json.dumps(list(splits.train.label_names))
     nodes = []
     for cid, rows in enumerate(partition.train):
