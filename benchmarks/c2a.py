@@ -40,6 +40,7 @@ PEFT, ~30 for full; evaluation ~90 rows/s). A label-skew cell: 10 clients x 128 
     cell        ~200 s PEFT, ~250 s full
     label skew  2 datasets x (alpha 0.1: 3 x 3 seeds + full + fedprox = 11; alpha 1: 5) = 32 cells
                 -> 30 x 200 + 2 x 250 = 6,500 s
+    20newsgroups  its cells read 128 tokens (PER_DATASET): ~2x a cell's training and evaluation
     umsab       8 clients x 128 rows, 4 per round: 5,120 samples -> ~170 s; 5 cells -> ~900 s
     lr phase    10 cells x 6 rounds x 5 x 128 = 3,840 samples -> ~100 s each (full ~130) -> 1,000 s
     baselines   local-only and FedAvg + fine-tuning: 10 cells (~2,000 s)
@@ -94,6 +95,9 @@ COMMON: dict[str, Any] = {
     "max_seq_len": 64, "optimizer": "adamw", "warmup_ratio": 0.1, "validation_size": 200,
     "max_test_samples": 400, "eval_every": 2, "personalized_eval": True,
 }
+# 20newsgroups: long messages, 20 classes; at seq 64 a model sees little more than a header's
+# worth of each, so its cells read 128 tokens (about twice the cost per row)
+PER_DATASET: dict[str, dict[str, Any]] = {"20newsgroups": {"max_seq_len": 128}}
 SETTINGS: dict[str, Any] = {
     "methods": list(VARIANTS), "datasets": LABEL_DATASETS, "skews": list(LABEL_SKEWS),
     "clients": 10, "per_round": 5, "rows_per_client": 128, "language": LANGUAGE,
@@ -158,6 +162,8 @@ def cell_config(folder: str, keys: dict[str, Any], quick: bool, lr: float) -> di
     s = QUICK if quick else SETTINGS
     common, lang = s["common"], s["language"]
     config = {**common, "name": folder.replace("/", "-"), "dataset": keys["dataset"]}
+    if not quick:
+        config.update(PER_DATASET.get(keys["dataset"], {}))
     config.update(VARIANTS[keys["method"]], lr=lr, seed=keys["seed"])
     if keys["phase"] == "language":
         clients, per_round = lang["clients"], lang["per_round"]
@@ -211,8 +217,13 @@ def report(r: Results) -> tuple[list[str], dict[str, Any]]:
     language = _spreads(r, _language_score)
     lines = r.header("C2A: client-customised adapters under label and language skew")
     lines += [
-        f"Setting: {common['model']} (mean pooling), max_seq_len {common['max_seq_len']}, "
-        f"{s['rows_per_client']} training rows per client, 1 local epoch, batch "
+        f"Setting: {common['model']} (mean pooling), max_seq_len {common['max_seq_len']}"
+        + "".join(
+            f" ({d}: {o['max_seq_len']})"
+            for d, o in ({} if r.quick else PER_DATASET).items()
+            if "max_seq_len" in o
+        )
+        + f", {s['rows_per_client']} training rows per client, 1 local epoch, batch "
         f"{common['batch_size']}, {common['rounds']} rounds, AdamW with linear warm-up. Label skew: "
         f"{s['clients']} clients ({s['per_round']} per round), Dirichlet alpha over labels. "
         f"Language skew: {lang['dataset']} split by `{lang['field']}`, {lang['clients']} clients "
