@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,7 +73,6 @@ from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
 from fedpeft.runs import RunDir  # noqa: E402
 
 log = logging.getLogger("fedpeft.flower")
-EVENT_PREFIX = "fedpeft-event "  # a progress event in a simulated run's log (forward_events)
 LOG_PREFIX = "fedpeft "  # how the ServerApp's own lines start in the run's log (``show_log``)
 
 
@@ -709,28 +707,6 @@ def stop_leftovers(processes: list[psutil.Process], grace_s: float = 10.0) -> No
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def forward_events(kind: str, info: dict[str, Any]) -> None:
-    """A simulated run's progress events as lines of the ServerApp's log, which ``flwr run
-    --stream`` carries to ``FlowerEngine`` (the ServerApp runs in a process of Flower's)."""
-    line = json.dumps({"kind": kind, "info": info}, default=_plain, separators=(",", ":"))
-    print(EVENT_PREFIX + line, flush=True)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else str(value)
-
-
-def read_event(line: str) -> tuple[str, dict[str, Any]] | None:
-    """The (kind, info) a ``forward_events`` line carries; None for any other log line."""
-    if not line.startswith(EVENT_PREFIX):
-        return None
-    try:
-        event = json.loads(line[len(EVENT_PREFIX) :])
-    except json.JSONDecodeError:
-        return None
-    return str(event["kind"]), dict(event["info"])
-
-
 class FlowerEngine:
     """``engine: flower``: the run on Flower's simulation runtime, the way Flower 1.41 runs
     simulations: ``flwr run`` submits the run's app to a SuperLink started with ``--simulation``.
@@ -740,7 +716,7 @@ class FlowerEngine:
     simulated SuperNode per client, ``flower.num_cpus``/``num_gpus`` per client); the SuperLink
     starts a ``flwr-simulation`` process that runs the ServerApp (``flower_app``: it builds the
     job from the run's YAML and writes the run folder) and the ClientApps in Ray actors. The
-    ServerApp's progress events come back as log lines (``forward_events``). When the run ends,
+    ServerApp's progress events come back through the run's folder (``flower_events``). When the run ends,
     or on Ctrl-C, every process started is stopped by PID. Work files: ``RUN/flower/``.
     """
 
@@ -781,40 +757,40 @@ class FlowerEngine:
 
     def run(self) -> dict[str, Any]:
         """The whole run; Ctrl-C (SIGINT) stops every process it started within seconds, keeping
-        only complete rounds, and raises KeyboardInterrupt."""
+        only complete rounds, and raises KeyboardInterrupt. A progress hook that raises stops
+        the run at the next round boundary (``flower_events``) and its error is raised here."""
         from fedpeft.engine.flower_deploy import FlowerError, LocalFederation, write_app
+        from fedpeft.engine.flower_events import EngineEvents
 
         app = write_app(self.work / "app", self.config, self.run_dir.path, simulation=True)
-        failure: list[Exception] = []
         round_failed: list[str] = []  # faults.min_clients ended the run: its one line
-        stop = threading.Event()
+
+        def hand_over(kind: str, info: dict[str, Any]) -> None:
+            if kind == "round_failed":  # raised here, after the run
+                round_failed.append(str(info["text"]))
+            else:
+                self.on_event(kind, info)
 
         def echo(line: str) -> None:  # runs in the thread reading flwr's output
-            event = read_event(line)
-            if line.startswith(LOG_PREFIX + "WARNING"):  # e.g. a client that failed
-                event = ("note", {"text": line[len(LOG_PREFIX) :].rstrip()})
-            if event is not None and event[0] == "round_failed":  # raised here, after the run
-                round_failed.append(str(event[1]["text"]))
-                return
-            if event is None or stop.is_set():
-                return
-            try:
-                self.on_event(*event)
-            except Exception as err:  # noqa: BLE001 - a hook that raises stops the run
-                failure.append(err)
-                stop.set()
+            if line.startswith(LOG_PREFIX + "WARNING") and not events.stopped.is_set():
+                hand_over("note", {"text": line[len(LOG_PREFIX) :].rstrip()})  # a client failed
 
         sim = LocalFederation(self.work, num_nodes=0, simulation=True, env=self.ray_env())
         extra = ["--federation-config", self.federation_config()]
-        try:
-            with sim:  # every process it started is stopped by PID on the way out
-                sim.run(app, None, echo, extra, stop=stop)
-        except Interrupted:
-            raise failure[0] from None
-        except FlowerError as err:
-            if round_failed:
-                raise faults.RoundFailed(round_failed[0]) from None
-            raise RuntimeError(f"the Flower simulation failed: {err}") from None
+        with EngineEvents(self.work, hand_over) as events:
+            try:
+                with sim:  # every process it started is stopped by PID on the way out
+                    sim.run(app, None, echo, extra, stop=events.stopped)
+            except (Interrupted, FlowerError) as err:
+                events.finish()
+                if events.failure:
+                    raise events.failure[0] from None
+                if round_failed:
+                    raise faults.RoundFailed(round_failed[0]) from None
+                raise RuntimeError(f"the Flower simulation failed: {err}") from None
+            events.finish()
+        if events.failure:  # the run ended as the hook raised: the hook's error all the same
+            raise events.failure[0]
         if round_failed:
             raise faults.RoundFailed(round_failed[0])
         if not self.run_dir.summary_path.is_file():

@@ -1,7 +1,7 @@
 """The Flower app that ``flwr run`` submits: ``server_app`` and ``client_app`` for any fedpeft run,
 deployed (SuperNodes that own their data) or simulated (``FlowerEngine``: the run config's
-``fedpeft-simulation`` is true, the ServerApp builds the whole job and reports its progress as
-log lines).
+``fedpeft-simulation`` is true, the ServerApp builds the whole job and reports its progress
+through the run folder, ``fedpeft.engine.flower_events``).
 
 ``fedpeft flower prepare`` writes an app folder whose pyproject.toml names these two objects and
 carries the run in its run config: the resolved YAML (``fedpeft-config``) and the run folder on
@@ -27,12 +27,12 @@ from fedpeft.engine.flower import (
     RUN_DIR_KEY,
     SIMULATION_KEY,
     check_supported,
-    forward_events,
     make_client_app,
     serve,
     show_log,
 )
 from fedpeft.engine.flower_data import server_job
+from fedpeft.engine.flower_events import ServerEvents, Stopped
 from fedpeft.job import build_job
 from fedpeft.runs import RunDir
 
@@ -52,7 +52,11 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_dir = RunDir.create(path, config_yaml)
     if simulation:  # one simulated SuperNode per client; the server's job holds every client
-        serve(grid, build_job(config), run_dir, config.num_clients, on_event=forward_events)
+        events = ServerEvents(path / "flower")  # to the FlowerEngine that started the run
+        try:
+            serve(grid, build_job(config), run_dir, config.num_clients, on_event=events)
+        except Stopped as stopped:  # the complete rounds are recorded; nothing else is
+            print(f"fedpeft: {stopped}", flush=True)
     else:
         job = server_job(config)
         serve(grid, job, run_dir, min_nodes=config.flower.min_nodes, node_data=True)
