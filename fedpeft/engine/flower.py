@@ -49,15 +49,14 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from flwr.app import (  # noqa: E402
+    Array,
     ArrayRecord,
     ConfigRecord,
-    Context,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
@@ -66,6 +65,7 @@ from fedpeft.client import LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
+from fedpeft.engine.flower_client import CONFIG_KEY, SIMULATION_KEY  # noqa: E402, F401
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
 from fedpeft.job import Job, build_job  # noqa: E402
 from fedpeft.methods.base import ClientFit, ClientUpdate, RoundReport  # noqa: E402
@@ -87,9 +87,7 @@ def show_log() -> None:
     log.setLevel(logging.INFO)
 
 
-CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML (deployment)
 RUN_DIR_KEY = "run-dir"  # run-config key holding the run folder's path on the SuperLink host
-SIMULATION_KEY = "fedpeft-simulation"  # run-config key: the run is simulated (FlowerEngine)
 
 
 def check_supported(config: RunConfig, simulation: bool = True) -> None:
@@ -179,17 +177,28 @@ def client_job(config_yaml: str, node: tuple | None = None) -> tuple[Job, float,
     return _JOBS[key], since_start, time.time() - started
 
 
-def train_on_message(msg: Message, config_yaml: str, data_path: str | None = None) -> Message:
-    """One client's round: the state in the message in, the trained upload and figures out. On
-    a node started with its own data (``data_path``) the client is that data."""
-    settings = msg.content["config"]
+Arrays = dict[str, np.ndarray]  # tensors as they travel between a ClientApp and its node worker
+
+
+def arrays_to_state(arrays: Arrays) -> State:
+    """numpy arrays -> torch tensors (copied: received buffers can be read-only)."""
+    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in arrays.items()}
+
+
+def train_arrays(
+    config_yaml: str, settings: dict[str, Any], arrays: Arrays, data_path: str | None = None
+) -> tuple[Arrays, dict[str, Any]]:
+    """One client's round as plain data: the received tensors and the message's settings in,
+    the upload and its figures out. On a node started with its own data (``data_path``) the
+    client is that data. The ClientApp runs it in process (simulation) or on the node's worker
+    (deployment, ``fedpeft.engine.flower_worker``)."""
     rnd, cid = int(settings["round"]), int(settings["cid"])
     node = None
     if data_path is not None:
         names = tuple(json.loads(str(settings["labels"])))
         node = (data_path, cid, int(settings["num-clients"]), names)
     job, start_s, load_s = client_job(config_yaml, node)
-    received = to_state(msg.content["arrays"])
+    received = arrays_to_state(arrays)
     if "dtypes" in settings:  # an int8 download: codes and scales back to weights
         dtypes = {
             name: getattr(torch, d) for name, d in json.loads(str(settings["dtypes"])).items()
@@ -204,12 +213,11 @@ def train_on_message(msg: Message, config_yaml: str, data_path: str | None = Non
     if job.config.quantize == "int8":  # the update travels as int8 codes + scales
         sent = quantize.encode_update(sent, received)
     train_s = time.perf_counter() - started
-    reported = {f"m.{key}": value for key, value in work.metrics.items()}
+    metrics = {f"m.{key}": value for key, value in work.metrics.items()}
     if clipped is not None:  # local DP: the upload is randomised; was its update clipped?
-        reported["dp-clipped"] = int(clipped)
-    metrics = MetricRecord(
+        metrics["dp-clipped"] = int(clipped)
+    metrics.update(
         {
-            **reported,
             "cid": cid,
             "num-samples": result.num_samples,
             "steps": result.steps,
@@ -222,47 +230,38 @@ def train_on_message(msg: Message, config_yaml: str, data_path: str | None = Non
             "train-s": train_s,
         }
     )
-    content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(sent), "metrics": metrics})
+    out = {name: tensor.detach().contiguous().numpy() for name, tensor in sent.items()}
+    return out, metrics
+
+
+def train_on_message(msg: Message, config_yaml: str, data_path: str | None = None) -> Message:
+    """``train_arrays`` on a Flower message, in this process."""
+    arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    settings = dict(msg.content["config"])
+    sent, metrics = train_arrays(config_yaml, settings, arrays, data_path)
+    content = RecordDict({"arrays": arrays_record(sent), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
-def describe_data(msg: Message, node_config: dict) -> Message:
+def arrays_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({name: Array.from_numpy_ndarray(a) for name, a in arrays.items()})
+
+
+def describe_node(node_config: dict, labels: list[str]) -> dict[str, Any]:
     """A node's answer to the server's question before round 1: its name, row count and label
     histogram, or the one line saying why its data cannot be used (it then takes no part)."""
     from fedpeft.engine import flower_data
 
     path = node_config.get(flower_data.DATA_PATH)
     name = str(node_config.get(flower_data.NAME) or (Path(str(path)).name if path else "node"))
-    names = json.loads(str(msg.content["config"]["labels"]))
     try:
         if not path:
             raise DataError("started without its data (--node-config 'data-path=\"FOLDER\"')")
-        rows = flower_data.read_node_rows(str(path), names)
-        counts = np.bincount(rows.labels, minlength=len(names)).tolist()
-        record = ConfigRecord({"name": name, "rows": len(rows), "label-counts": counts})
-    except (DataError, OSError) as err:
-        print(f"node {name}: {err}; it takes no part in the run", file=sys.stderr, flush=True)
-        record = ConfigRecord({"name": name, "error": str(err)})
-    return Message(RecordDict({"data": record}), reply_to=msg)
-
-
-def make_client_app() -> ClientApp:
-    """The ClientApp: it reads the run's YAML from the run config."""
-    from fedpeft.engine.flower_data import DATA_PATH
-
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        path = context.node_config.get(DATA_PATH)
-        config = str(context.run_config[CONFIG_KEY])
-        return train_on_message(msg, config, str(path) if path else None)
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return describe_data(msg, dict(context.node_config))
-
-    return app
+        rows = flower_data.read_node_rows(str(path), labels)
+        counts = np.bincount(rows.labels, minlength=len(labels)).tolist()
+        return {"name": name, "rows": len(rows), "label-counts": counts}
+    except (DataError, OSError) as err:  # the ClientApp says it in the node's log
+        return {"name": name, "error": str(err)}
 
 
 # -- server side ----------------------------------------------------------------------------------
@@ -361,7 +360,7 @@ class FedpeftStrategy(Strategy):
         self.report = RoundReport(rnd, [], train_loss=0.0)
         skeleton.start_faults(self.job, self.report)
         self.failed, self.noised = [], []
-        self.client_wall = {"start-s": [], "load-s": [], "train-s": []}
+        self.client_wall = {"start-s": [], "load-s": [], "train-s": [], "relay-s": []}
         self.clients = self._sample(rnd, 0)
         self.sent_at = time.perf_counter()
         return self._messages(rnd, 0)
@@ -474,8 +473,9 @@ class FedpeftStrategy(Strategy):
         else:
             state, reason = skeleton.check_upload(blob, expected)
         seconds = compute_s + cost.comm_time_s(len(blob), down, network)
-        for key in ("start-s", "load-s", "train-s"):
-            self.client_wall[key].append(float(metrics[key]))
+        for key in self.client_wall:  # relay-s: only where a node's worker trained
+            if key in metrics:
+                self.client_wall[key].append(float(metrics[key]))
         if state is None:
             return ClientFit(None, len(blob), down, seconds, 0.0, reason)
         result = LocalResult(
@@ -564,7 +564,8 @@ class FedpeftStrategy(Strategy):
         self.suspects = {self.node_of[cid] for cid in self.failed if cid in self.node_of}
         report.extra["clients_failed"] = self.failed
         # Where a client's wall time went (means over the answers): starting a process and
-        # loading the job (0 when the process had it already), then training.
+        # loading the job (0 when the process had it already), handing the message to the
+        # node's worker and back (deployment), then training.
         for key, values in self.client_wall.items():
             name = "client_" + key.replace("-s", "_s")
             report.extra[name] = sum(values) / len(values) if values else None

@@ -9,8 +9,9 @@ the SuperLink's host (``run-dir``). The ServerApp (``flwr-serverapp``, started b
 writes that run folder, resuming it if it already holds finished rounds. It holds only test and
 validation rows (the config's ``dataset``); each SuperNode owns its training rows
 (``--node-config "data-path=..."``, ``fedpeft.engine.flower_data``) and is one client. Each
-SuperNode starts a ``flwr-clientapp`` process per message, which builds the node's job from the
-YAML and its own rows and trains.
+SuperNode starts a ``flwr-clientapp`` process per message (``fedpeft.engine.flower_client``,
+light to import), which hands the message to the node's worker: a process that builds the
+node's job from the YAML and its own rows once and trains (``fedpeft.engine.flower_worker``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from fedpeft.engine.flower import (
     RUN_DIR_KEY,
     SIMULATION_KEY,
     check_supported,
-    make_client_app,
     serve,
     show_log,
 )
@@ -62,4 +62,4 @@ def main(grid: Grid, context: Context) -> None:
         serve(grid, job, run_dir, min_nodes=config.flower.min_nodes, node_data=True)
 
 
-client_app = make_client_app()
+from fedpeft.engine.flower_client import client_app  # noqa: E402, F401 - the app's ClientApp

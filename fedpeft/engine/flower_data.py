@@ -30,6 +30,7 @@ from fedpeft.data import sources
 from fedpeft.data.partition import Partition
 from fedpeft.data.sources import DataError, TextDataset, subsample
 from fedpeft.data.tokenize import tokenize
+from fedpeft.engine.flower_client import DATA_PATH  # noqa: F401 - node-config key, re-exported
 from fedpeft.job import (
     Job,
     build_method,
@@ -43,7 +44,6 @@ from fedpeft.methods.base import ClientContext
 from fedpeft.paths import shared_data_dir
 from fedpeft.peft.base import trainable_state
 
-DATA_PATH = "data-path"  # node-config key: the node's own rows
 NAME = "name"  # node-config key: the node's display name (default: its data folder's name)
 NO_VALIDATION_CAP = 1000  # validation rows the server keeps when validation_size is not set
 

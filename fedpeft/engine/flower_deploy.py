@@ -77,7 +77,7 @@ def write_app(
                     "publisher": "fedpeft",
                     "components": {
                         "serverapp": "fedpeft.engine.flower_app:server_app",
-                        "clientapp": "fedpeft.engine.flower_app:client_app",
+                        "clientapp": "fedpeft.engine.flower_client:client_app",
                     },
                     "config": {
                         CONFIG_KEY: dump_config(config),

@@ -1,0 +1,217 @@
+"""A deployed SuperNode's worker: one process per node and run that keeps the model, the node's
+tokenised rows and the clients' persistent state across messages.
+
+Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message a SuperNode receives;
+importing torch and transformers and building the job there cost seconds per message. So the
+ClientApp (``fedpeft.engine.flower_client``) only relays: it hands the message's tensors and
+settings to this worker over a Unix socket and returns the answer. The first message of a run
+starts the worker; later ones find it. The worker serves one request at a time and ends when
+its SuperNode's process is gone (a restarted node starts a fresh one) or after
+``IDLE_S`` without a request.
+
+The socket and its key live in a folder only this user can open (``runtime_dir``); the key
+authenticates every connection (``multiprocessing.connection``), so no other local user can
+talk to the worker. Its log is ``<runtime_dir>/<name>.log``.
+
+This module imports the standard library only at the top: the ClientApp side (``NodeWorker``)
+must stay light. ``serve`` imports the engine when the worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Any
+
+IDLE_S = 1800.0  # a worker with no request for this long ends
+START_TIMEOUT_S = 300.0  # how long a ClientApp waits for a worker it started to listen
+
+
+class WorkerError(RuntimeError):
+    """The node's worker failed the request (its one line), or could not be started."""
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (from /proc; 0 where unknown)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def runtime_dir() -> Path:
+    """Where the node's workers keep their sockets, keys and logs: private to this user."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    folder = base / f"fedpeft-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+class NodeWorker:
+    """The ClientApp's handle on its node's worker for this run (``config`` and ``data_path``)
+    under the SuperNode that started this process."""
+
+    def __init__(self, config_yaml: str, data_path: str, supernode: int | None = None) -> None:
+        self.supernode = supernode or os.getppid()  # flwr-clientapp's parent: the SuperNode
+        key = hashlib.sha256(f"{config_yaml}\0{data_path}\0{self.supernode}".encode())
+        self.name = key.hexdigest()[:20]
+        folder = runtime_dir()
+        self.socket = folder / f"{self.name}.sock"
+        self.key_path = folder / f"{self.name}.key"
+        self.log = folder / f"{self.name}.log"
+        self.spawn_s = 0.0  # seconds this call spent starting the worker
+
+    def call(self, kind: str, request: dict[str, Any]) -> Any:
+        """Send one request, return the worker's answer (starting the worker if needed)."""
+        with self._connect() as conn:
+            conn.send((kind, request))
+            status, answer = conn.recv()
+        if status != "ok":
+            raise WorkerError(str(answer))
+        return answer
+
+    def _connect(self):
+        try:
+            return Client(str(self.socket), family="AF_UNIX", authkey=self._key())
+        except (OSError, EOFError):
+            pass
+        started = time.perf_counter()
+        with open(runtime_dir() / f"{self.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one ClientApp of the node starts the worker
+            try:
+                conn = Client(str(self.socket), family="AF_UNIX", authkey=self._key())
+            except (OSError, EOFError):
+                conn = self._start()
+        self.spawn_s = time.perf_counter() - started
+        return conn
+
+    def _key(self) -> bytes:
+        return bytes.fromhex(self.key_path.read_text())
+
+    def _start(self):
+        self.socket.unlink(missing_ok=True)
+        self.key_path.unlink(missing_ok=True)
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+        argv = [sys.executable, "-m", "fedpeft.engine.flower_worker", "--socket", str(self.socket)]
+        argv += ["--key", str(self.key_path), "--watch", str(self.supernode)]
+        with open(self.log, "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives this message's process
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-1:]
+                raise WorkerError(f"the node's worker exited at start: {' '.join(tail)}")
+            try:
+                return Client(str(self.socket), family="AF_UNIX", authkey=self._key())
+            except (OSError, EOFError):
+                time.sleep(0.05)
+        proc.kill()
+        raise WorkerError(f"the node's worker did not listen within {START_TIMEOUT_S:.0f}s")
+
+
+# -- the worker process ---------------------------------------------------------------------------
+def handle(kind: str, request: dict[str, Any]) -> Any:
+    """One request, answered by the engine's own client step (``fedpeft.engine.flower``)."""
+    import json
+
+    from fedpeft.engine import flower
+
+    if kind == "ping":  # which process answers (tests, health checks)
+        return os.getpid()
+    if kind == "train":
+        started = time.perf_counter()
+        sent, metrics = flower.train_arrays(
+            request["config"], request["settings"], request["arrays"], request["data_path"]
+        )
+        metrics["worker-s"] = time.perf_counter() - started
+        return sent, metrics
+    if kind == "describe":
+        return flower.describe_node(request["node_config"], json.loads(request["labels"]))
+    raise ValueError(f"unknown request {kind!r}")
+
+
+def serve(socket: Path, key: bytes, watch: int, idle_s: float = IDLE_S) -> None:
+    """Answer requests on ``socket`` until the process ``watch`` (the SuperNode) is gone or no
+    request came for ``idle_s`` seconds."""
+    listener = Listener(str(socket), family="AF_UNIX", authkey=key)  # listen first, then import
+    last = [time.monotonic()]
+
+    def watchdog() -> None:
+        while _alive(watch) and time.monotonic() - last[0] < idle_s:
+            time.sleep(1.0)
+        for path in (socket, *(socket.with_suffix(s) for s in (".key", ".lock"))):
+            path.unlink(missing_ok=True)
+        log = socket.with_suffix(".log")
+        if log.is_file() and log.stat().st_size == 0:
+            log.unlink(missing_ok=True)  # nothing said: nothing to keep
+        os._exit(0)  # the listener's accept() does not wake for a closed socket
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    from fedpeft.engine import flower  # noqa: F401 - the imports, once, before any request
+
+    while True:
+        try:
+            conn = listener.accept()
+        except (OSError, EOFError, AuthenticationError) as err:  # no key, or it hung up
+            print(f"fedpeft worker: refused a connection: {err}", flush=True)
+            continue
+        with conn:
+            try:
+                kind, request = conn.recv()
+                last[0] = time.monotonic()
+                try:
+                    answer = ("ok", handle(kind, request))
+                except Exception as err:  # noqa: BLE001 - the ClientApp reports it; we go on
+                    print(f"fedpeft worker: {kind} failed: {err!r}", flush=True)
+                    answer = ("error", f"{type(err).__name__}: {err}")
+                conn.send(answer)
+                last[0] = time.monotonic()
+            except (OSError, EOFError) as err:
+                print(f"fedpeft worker: a connection broke: {err}", flush=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedpeft.engine.flower_worker")
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--key", type=Path, required=True, help="file holding the hex key")
+    parser.add_argument("--watch", type=int, required=True, help="end when this process ends")
+    parser.add_argument("--idle-s", type=float, default=IDLE_S)
+    args = parser.parse_args(argv)
+    serve(args.socket, bytes.fromhex(args.key.read_text()), args.watch, args.idle_s)
+
+
+if __name__ == "__main__":
+    main()

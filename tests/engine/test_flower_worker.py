@@ -1,0 +1,96 @@
+"""The node worker that keeps a deployed SuperNode's model and rows across messages (no Flower
+here: a sleeping process stands in for the SuperNode the worker watches)."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Client
+
+import numpy as np
+import pytest
+
+from fedpeft.config import build_config, dump_config
+from fedpeft.engine import flower
+from fedpeft.engine.flower_worker import NodeWorker, WorkerError, runtime_dir
+from fedpeft.peft.base import trainable_state
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def supernode():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_one_worker_serves_every_message_until_its_supernode_ends(supernode):
+    worker = NodeWorker("config-a", "/data/a", supernode=supernode.pid)
+    pid = worker.call("ping", {})
+    assert worker.spawn_s > 0  # this call started it
+    again = NodeWorker("config-a", "/data/a", supernode=supernode.pid)
+    assert again.call("ping", {}) == pid and again.spawn_s == 0.0  # found, not started
+    other = NodeWorker("config-b", "/data/a", supernode=supernode.pid)
+    other_pid = other.call("ping", {})
+    assert other_pid != pid  # another run (or another node's data): another worker
+    supernode.kill()
+    supernode.wait()
+    assert wait_gone(pid) and wait_gone(other_pid)
+    assert not worker.socket.exists()
+
+
+def test_a_failed_request_is_one_line_and_the_worker_goes_on(supernode):
+    worker = NodeWorker("config-c", "", supernode=supernode.pid)
+    pid = worker.call("ping", {})
+    with pytest.raises(WorkerError, match="ValueError: unknown request 'nonsense'"):
+        worker.call("nonsense", {})
+    assert worker.call("ping", {}) == pid
+
+
+def test_the_worker_refuses_a_caller_without_its_key(supernode):
+    worker = NodeWorker("config-d", "", supernode=supernode.pid)
+    pid = worker.call("ping", {})
+    with pytest.raises(Exception, match="digest|authentication|Authentication"):
+        Client(str(worker.socket), family="AF_UNIX", authkey=b"not the key")
+    assert worker.call("ping", {}) == pid
+    mode = stat.S_IMODE(runtime_dir().stat().st_mode)
+    assert mode == 0o700 and stat.S_IMODE(worker.key_path.stat().st_mode) == 0o600
+
+
+def test_training_on_the_worker_equals_training_in_process(supernode, toy_data):
+    """The same client step, on the worker and here: the same upload, bit for bit."""
+    config = build_config(tiny_config(toy_data, engine="flower", num_clients=2))
+    config_yaml = dump_config(config)
+    job = flower.client_job(config_yaml)[0]
+    state = {k: v.clone() for k, v in trainable_state(job.model).items()}
+    arrays = {k: v.numpy() for k, v in state.items()}
+    settings = {"round": 1, "cid": 1}
+    expected, _ = flower.train_arrays(config_yaml, settings, arrays)
+    flower._JOBS.clear()  # the worker builds its own job from the YAML
+    sent, metrics = NodeWorker(config_yaml, "", supernode=supernode.pid).call(
+        "train", {"config": config_yaml, "settings": settings, "arrays": arrays, "data_path": None}
+    )
+    assert sent.keys() == expected.keys()
+    for name in expected:
+        assert np.array_equal(sent[name], expected[name]), name
+    assert metrics["cid"] == 1 and metrics["worker-s"] > 0
