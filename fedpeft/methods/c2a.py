@@ -108,5 +108,4 @@ SPEC = MethodSpec(
     inject=lambda model, config: hyperadapter.inject(model, config.c2a),
     default_lr=3e-3,  # chosen on validation: docs/c2a.md, Learning rate
     system=_system,
-    engines=("embedded",),
 )

@@ -61,6 +61,34 @@ def test_simulation_matches_embedded_engine(tmp_path, toy_data, quantized):
         assert per_client < 0.5 * floats, (per_client, floats)
 
 
+SEED_SYSTEMS = {
+    "c2a": {"method": "c2a", "c2a": {"label_input": "client"}},
+}
+
+
+@pytest.mark.parametrize("system", list(SEED_SYSTEMS), ids=list(SEED_SYSTEMS))
+def test_seed_systems_on_flower_match_embedded(tmp_path, toy_data, system):
+    """The seed systems on Flower simulation: the embedded engine's weights, bytes, scores and
+    personalised scores."""
+    base = tiny_config(toy_data, num_clients=4, rounds=2, personalized_eval=True)
+    base.update(SEED_SYSTEMS[system])
+    runs = {}
+    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
+        config = build_config({**base, "engine": engine})
+        run = RunDir.create(tmp_path / engine, dump_config(config))
+        runs[engine] = cls(build_job(config), run).run()
+    embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
+    flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    assert embedded.keys() == flower.keys()
+    for name in embedded:
+        assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
+    for key in ("bytes_up_total", "bytes_down_total", "final_accuracy"):
+        assert runs["flower"][key] == pytest.approx(runs["embedded"][key]), key
+    assert runs["flower"]["personalized_accuracy_mean"] == pytest.approx(
+        runs["embedded"]["personalized_accuracy_mean"]
+    )
+
+
 ROUND_RULES = {
     # central DP under faults: round 1 is retried (client 3 crashes, straggler 2 misses the
     # 0.1 s deadline: 1 usable update < min_clients 2), round 2 loses a crashed client, and
@@ -298,7 +326,7 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
         (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=0.5"], "whole"),
-        (["run", str(config), "--set", "engine=flower", "--set", "method=c2a"], "engine: flower"),
+        (["run", str(config), "--set", "engine=flower", "--set", "method=local"], "engine: flower"),
     ]
     for i, (argv, words) in enumerate(cases):
         out = tmp_path / f"run{i}"
