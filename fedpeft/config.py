@@ -197,6 +197,53 @@ class ActivationCacheSettings(_Strict):
     )
 
 
+class SecAggSettings(_Strict):
+    """Secure aggregation of a deployment's uploads with Flower's SecAgg+ (docs/privacy.md).
+
+    ``num_shares`` and ``reconstruction_threshold`` follow Flower's ``SecAggPlusWorkflow``: an
+    integer is a count, a fraction a share (of the round's clients; of ``num_shares``). Each
+    client's update (trained minus received) is clipped to +-``clipping_range`` and quantised to
+    ``quantization_range`` levels before it is masked.
+    """
+
+    enabled: bool = Field(False, description="deployment: the server sees only masked sums")
+    num_shares: int | float = Field(
+        1.0, gt=0, description="neighbours holding a share of each client's keys (1.0: all)"
+    )
+    reconstruction_threshold: int | float = Field(
+        0.67, gt=0, description="shares needed to unmask; also the fewest clients a round needs"
+    )
+    clipping_range: float = Field(8.0, gt=0, description="updates are clipped to +-this")
+    quantization_range: int = Field(
+        2**22, gt=1, description="quantisation levels over [-clipping_range, clipping_range]"
+    )
+
+    @model_validator(mode="after")
+    def _shares(self) -> SecAggSettings:
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, float) and shares > 1:
+            raise ValueError("num_shares: a fraction must be at most 1")
+        if isinstance(shares, int) and shares < 3:
+            raise ValueError("num_shares: a count must be at least 3")
+        if isinstance(threshold, float) and threshold > 1:
+            raise ValueError("reconstruction_threshold: a fraction must be at most 1")
+        if isinstance(threshold, int) and threshold < 2:
+            raise ValueError("reconstruction_threshold: a count must be at least 2")
+        if isinstance(shares, int) and isinstance(threshold, int) and threshold >= shares:
+            raise ValueError(
+                f"reconstruction_threshold: {threshold} must be below num_shares ({shares})"
+            )
+        if self.quantization_range >= SECAGG_MODULUS:
+            raise ValueError("quantization_range: must be below the masks' modulus, 2**32")
+        return self
+
+
+SECAGG_MODULUS = 2**32  # Flower's SecAgg+ masks live modulo 2**32 (its default and maximum)
+# What a weighted mean of the updates is enough for: FedAvg, FedProx (its term is the
+# client's) and the server optimisers (one step from the mean update, fedpeft/algorithms).
+SECAGG_ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+
+
 class FlowerSettings(_Strict):
     """The Flower engine (fedpeft/engine/flower.py, docs/flower.md): simulation and deployment.
 
@@ -217,6 +264,7 @@ class FlowerSettings(_Strict):
     insecure: bool = Field(
         False, description="deployment without TLS and node authentication (loopback tests only)"
     )
+    secagg: SecAggSettings = Field(default_factory=SecAggSettings)
 
     @model_validator(mode="after")
     def _address(self) -> FlowerSettings:
@@ -426,6 +474,56 @@ class _RunConfigBase(_Strict):
             raise ValueError(
                 "privacy.membership_inference: method local trains no global model to attack"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _secagg(self) -> _RunConfigBase:
+        """What SecAgg+ cannot carry: it hands the server the clients' weighted mean update
+        only, so every rule that needs one client's update is refused (docs/privacy.md)."""
+        secagg = self.flower.secagg
+        if not secagg.enabled:
+            return self
+        prefix = "flower.secagg.enabled"
+        if self.engine != "flower":
+            raise ValueError(
+                f"{prefix}: secure aggregation runs in a Flower deployment only (fedpeft flower "
+                "local / prepare); the embedded engine would ignore it"
+            )
+        if self.algorithm not in SECAGG_ALGORITHMS:
+            raise ValueError(
+                f"{prefix}: algorithm {self.algorithm} needs each client's update, SecAgg+ gives "
+                f"the server only their weighted mean (use {', '.join(SECAGG_ALGORITHMS)})"
+            )
+        if self.robust.clip_norm is not None:
+            raise ValueError(
+                f"{prefix}: robust.clip_norm clips each client's update on the server, which "
+                "SecAgg+ hides from it; unset robust.clip_norm"
+            )
+        if self.quantize != "none":
+            raise ValueError(
+                f"{prefix}: quantize: {self.quantize} rebuilds each client's update on the "
+                "server; SecAgg+ quantises updates itself (set quantize: none)"
+            )
+        if self.dp.enabled() and self.dp.mode == "central":
+            raise ValueError(
+                f"{prefix}: central dp clips each client's update on the server, which SecAgg+ "
+                "hides from it; unset dp"
+            )
+        if self.clients_per_round < 2:
+            raise ValueError(f"{prefix}: SecAgg+ needs at least 2 clients per round")
+        if self.clients_per_round * secagg.quantization_range >= SECAGG_MODULUS:
+            raise ValueError(
+                f"{prefix}: {self.clients_per_round} clients x quantization_range "
+                f"{secagg.quantization_range} overflow the masks' modulus 2**32; lower "
+                "flower.secagg.quantization_range"
+            )
+        for key in ("num_shares", "reconstruction_threshold"):
+            count = getattr(secagg, key)
+            if isinstance(count, int) and count > self.clients_per_round:
+                raise ValueError(
+                    f"flower.secagg.{key}: {count} is more than clients_per_round "
+                    f"({self.clients_per_round})"
+                )
         return self
 
     def method_settings(self) -> BaseModel:
