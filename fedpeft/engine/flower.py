@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,11 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
 
     if "flower" not in registry.get(config.method).engines:
         raise ConfigError(f"engine: flower does not run {config.method} yet (use engine: embedded)")
+    if simulation and config.flower.secagg.enabled:  # one node may serve several clients there
+        raise ConfigError(
+            "flower.secagg.enabled: SecAgg+ runs in a deployment only (fedpeft flower local / "
+            "prepare); in simulation the server process holds every client's rows anyway"
+        )
     if not simulation:
         if config.personalized_eval:  # the server would score nothing and say nothing
             raise ConfigError(
@@ -453,31 +458,35 @@ class FedpeftStrategy(Strategy):
     def _fit(self, reply: Message) -> ClientFit:
         """A client's reply as the embedded engine's ``ClientFit``: its checked update (None
         when the upload is unusable, with the reason), bytes and simulated seconds."""
-        metrics = reply.content["metrics"]
+        metrics = dict(reply.content["metrics"])
         cid = int(metrics["cid"])
-        down = self.down_bytes[cid]
-        _device, network = self.job.profiles[cid]
-        if "dp-clipped" in metrics:  # local DP: a randomised upload left the client
-            self.noised.append((cid, bool(metrics["dp-clipped"])))
-        compute_s = float(metrics["compute-s"])
         try:
             blob = payload.encode(to_state(reply.content["arrays"]))
         except Exception as err:  # noqa: BLE001 - whatever a node sent, the round goes on
-            seconds = compute_s + cost.comm_time_s(0, down, network)
-            return ClientFit(
-                None, 0, down, seconds, 0.0, f"arrays do not convert to tensors: {err}"
-            )
+            return self.client_fit(metrics, None, 0, f"arrays do not convert to tensors: {err}")
         expected = skeleton.expected_upload(self.job, self.report.rnd, cid, self.global_state)
         if self.config.quantize == "int8" and cid in self.downloads:
             state, reason = self._int8_update(blob, cid, expected)
         else:
             state, reason = skeleton.check_upload(blob, expected)
-        seconds = compute_s + cost.comm_time_s(len(blob), down, network)
+        return self.client_fit(metrics, state, len(blob), reason)
+
+    def client_fit(
+        self, metrics: dict[str, Any], state: State | None, bytes_up: int, reason: str | None
+    ) -> ClientFit:
+        """A client's figures (``train_arrays``' metrics) and its checked upload ``state``
+        (None: unusable, for ``reason``) as a ``ClientFit``, with its simulated seconds."""
+        cid = int(metrics["cid"])
+        down = self.down_bytes[cid]
+        _device, network = self.job.profiles[cid]
+        if "dp-clipped" in metrics:  # local DP: a randomised upload left the client
+            self.noised.append((cid, bool(metrics["dp-clipped"])))
+        seconds = float(metrics["compute-s"]) + cost.comm_time_s(bytes_up, down, network)
         for key in self.client_wall:  # relay-s: only where a node's worker trained
             if key in metrics:
                 self.client_wall[key].append(float(metrics[key]))
         if state is None:
-            return ClientFit(None, len(blob), down, seconds, 0.0, reason)
+            return ClientFit(None, bytes_up, down, seconds, 0.0, reason)
         result = LocalResult(
             int(metrics["num-samples"]),
             int(metrics["steps"]),
@@ -487,20 +496,29 @@ class FedpeftStrategy(Strategy):
         )
         reported = {key[2:]: value for key, value in metrics.items() if key.startswith("m.")}
         update = ClientUpdate(cid, state, result.num_samples, result, reported)
-        return ClientFit(update, len(blob), down, seconds, 0.0)
+        return ClientFit(update, bytes_up, down, seconds, 0.0)
 
     def _settle(self, attempt: int, replies: Iterable[Message]) -> list[ClientUpdate]:
-        """An attempt's replies, client by client in sampled order (the embedded engine's, so
-        the float sums match it exactly): crashed, late and rejected clients are recorded as
-        embedded (``skeleton.settle_client``); a client that did not answer (its node died, its
-        ClientApp failed, it timed out) is listed in ``clients_failed``."""
-        report = self.report
+        """An attempt's replies, checked client by client in sampled order (``settle``)."""
         answers: dict[int, Message] = {}
         for reply in replies:
             if reply.has_error():
                 log.warning("a client failed: %s", reply.error.reason)
                 continue
             answers[int(reply.content["metrics"]["cid"])] = reply
+        fits = {
+            cid: self._fit(answers[cid])
+            for cid in self.clients
+            if cid in answers and cid in self.node_of and cid not in self.crashed
+        }
+        return self.settle(attempt, fits)
+
+    def settle(self, attempt: int, fits: dict[int, ClientFit]) -> list[ClientUpdate]:
+        """An attempt's fits, client by client in sampled order (the embedded engine's, so
+        the float sums match it exactly): crashed, late and rejected clients are recorded as
+        embedded (``skeleton.settle_client``); a client without a fit (its node died, its
+        ClientApp failed, it timed out) is listed in ``clients_failed``."""
+        report = self.report
         updates, times = [], []
         for i, cid in enumerate(self.clients):
             crashed = cid in self.crashed
@@ -508,8 +526,8 @@ class FedpeftStrategy(Strategy):
                 _device, network = self.job.profiles[cid]
                 down = self.down_bytes[cid]
                 fit = ClientFit(None, 0, down, cost.comm_time_s(0, down, network), 0.0)
-            elif cid in answers and cid in self.node_of:
-                fit = self._fit(answers[cid])
+            elif cid in fits:
+                fit = fits[cid]
             else:
                 self.failed.append(cid)
                 report.bytes_down += self.down_bytes.get(cid, 0)
@@ -558,9 +576,24 @@ class FedpeftStrategy(Strategy):
             timeout = self.config.flower.round_timeout_s
             answers = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
             updates = self._settle(attempt, answers)
+        self.record_clients(attempt, updates)
+        if not updates:
+            log.warning("round %d: no usable update; the global state is unchanged", rnd)
+            return None, None
+        self.state.global_state = skeleton.aggregate_round(
+            job, rnd, self.global_state, updates, report, self.state.history
+        )
+        metrics = MetricRecord({"train-loss": report.train_loss, "clients": len(updates)})
+        return ArrayRecord.from_torch_state_dict(self.global_state), metrics
+
+    def record_clients(self, attempt: int, updates: list[ClientUpdate]) -> None:
+        """The round's record of its clients once its last attempt is in."""
+        report = self.report
         report.train_wall_s = time.perf_counter() - self.sent_at  # waiting on the clients
         history = self.state.history
-        skeleton.end_attempts(job, report, self.clients, attempt + 1, updates, history, self.noised)
+        skeleton.end_attempts(
+            self.job, report, self.clients, attempt + 1, updates, history, self.noised
+        )
         self.suspects = {self.node_of[cid] for cid in self.failed if cid in self.node_of}
         report.extra["clients_failed"] = self.failed
         # Where a client's wall time went (means over the answers): starting a process and
@@ -569,14 +602,6 @@ class FedpeftStrategy(Strategy):
         for key, values in self.client_wall.items():
             name = "client_" + key.replace("-s", "_s")
             report.extra[name] = sum(values) / len(values) if values else None
-        if not updates:
-            log.warning("round %d: no usable update; the global state is unchanged", rnd)
-            return None, None
-        self.state.global_state = skeleton.aggregate_round(
-            job, rnd, self.global_state, updates, report, history
-        )
-        metrics = MetricRecord({"train-loss": report.train_loss, "clients": len(updates)})
-        return ArrayRecord.from_torch_state_dict(self.global_state), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -600,6 +625,20 @@ class FedpeftStrategy(Strategy):
         return MetricRecord(scores)
 
 
+def flower_round(strategy: FedpeftStrategy, grid: Grid) -> None:
+    """One fedpeft round (``strategy.first_round``) as one Flower ``Strategy.start``."""
+    strategy.start(
+        grid,
+        ArrayRecord.from_torch_state_dict(strategy.global_state),
+        num_rounds=1,
+        timeout=strategy.config.flower.round_timeout_s,
+        evaluate_fn=strategy.finish_round,
+    )
+
+
+RoundPlayer = Callable[[FedpeftStrategy, Grid], None]
+
+
 def serve(
     grid: Grid,
     job: Job,
@@ -607,11 +646,14 @@ def serve(
     min_nodes: int = 1,
     on_event: ProgressHook | None = None,
     node_data: bool = False,
+    play_round: RoundPlayer = flower_round,
 ) -> dict[str, Any]:
     """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary.
     With ``node_data`` each node trains on its own rows: the nodes describe their data first
-    and become the run's clients (``fedpeft.engine.flower_data``). Stopping a run is stopping
-    its process: a round is recorded only once its checkpoint is complete."""
+    and become the run's clients (``fedpeft.engine.flower_data``). ``play_round`` runs one
+    round (``flower_round``; ``fedpeft.engine.flower_secagg`` runs it under SecAgg+).
+    Stopping a run is stopping its process: a round is recorded only once its checkpoint is
+    complete."""
     on_event = on_event or (lambda _kind, _info: None)
     nodes = None
     if node_data:
@@ -630,13 +672,7 @@ def serve(
             break
         strategy.first_round = done = state.done + 1
         try:
-            strategy.start(
-                grid,
-                ArrayRecord.from_torch_state_dict(state.global_state),
-                num_rounds=1,
-                timeout=config.flower.round_timeout_s,
-                evaluate_fn=strategy.finish_round,
-            )
+            play_round(strategy, grid)
         except faults.RoundFailed as err:  # the simulating fedpeft says it in one line
             log.error("%s", err)
             on_event("round_failed", {"text": str(err)})
