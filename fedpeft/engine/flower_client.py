@@ -6,21 +6,46 @@ process that loads the model and the node's rows once and keeps them, with the c
 persistent state, across messages. The ClientApp hands it the message's tensors and settings and
 returns its answer; it starts the worker when there is none. In simulation (``FlowerEngine``)
 the ClientApps live in Flower's long-lived simulation workers, so they train in process.
+
+Under secure aggregation (``flower.secagg``, deployment only) Flower's ``secaggplus_mod`` answers
+a SecAgg+ round's key exchanges and masks what the train handler returns: the client's update
+(trained minus received) as a legacy FitRes (``fedpeft.engine.flower_secagg`` is the server).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML
 SIMULATION_KEY = "fedpeft-simulation"  # run-config key: the run is simulated (FlowerEngine)
 DATA_PATH = "data-path"  # node-config key: the node's own rows
+# A SecAgg+ round's FitIns config and FitRes metrics (``fedpeft.engine.flower_secagg``)
+SECAGG_NAMES = "secagg-names"  # the tensors' names, in the order of the FitIns' arrays
+SECAGG_CLIPPING = "secagg-clipping-range"  # SecAgg+ clips update entries to +-this
+SECAGG_METRICS = "fedpeft"  # the client's figures as JSON (a legacy FitRes holds scalars only)
+SECAGG_CLIPPED = "secagg-clipped"  # how many of the update's entries SecAgg+ clips
 
 
 def _record(arrays: dict[str, Any]) -> ArrayRecord:
@@ -35,33 +60,83 @@ def use_worker() -> bool:
     return os.environ.get("FEDPEFT_NODE_WORKER", "1") != "0"
 
 
+def node_train(
+    context: Context, settings: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``fedpeft.engine.flower.train_arrays`` for this node: on its worker (deployment), else
+    in this process (simulation, ``FEDPEFT_NODE_WORKER=0``). Returns the upload and figures."""
+    config = str(context.run_config[CONFIG_KEY])
+    path = context.node_config.get(DATA_PATH)
+    data_path = str(path) if path else None
+    if context.run_config.get(SIMULATION_KEY, False) or not use_worker():
+        from fedpeft.engine.flower import train_arrays
+
+        return train_arrays(config, settings, arrays, data_path)
+    from fedpeft.engine.flower_worker import NodeWorker, process_age_s
+
+    started = process_age_s()  # interpreter, Flower's imports, the app's installation
+    request = {"config": config, "settings": settings, "arrays": arrays, "data_path": data_path}
+    worker = NodeWorker(config, data_path or "")
+    before = time.perf_counter()
+    sent, metrics = worker.call("train", request)
+    metrics["start-s"] = started
+    metrics["load-s"] = float(metrics["load-s"]) + worker.spawn_s
+    metrics["relay-s"] = time.perf_counter() - before - float(metrics["worker-s"])
+    return sent, metrics
+
+
+def update_of(
+    trained: dict[str, np.ndarray], received: dict[str, np.ndarray], names: list[str]
+) -> list[np.ndarray]:
+    """A client's upload under SecAgg+: trained minus received, tensor by tensor in ``names``
+    order, in float64 (the difference of two float32 weights is exact there)."""
+    return [
+        np.asarray(trained[name], np.float64) - np.asarray(received[name], np.float64)
+        for name in names
+    ]
+
+
+def secagg_train(msg: Message, context: Context) -> Message:
+    """A SecAgg+ round's training message (legacy FitIns: the global tensors in the order of
+    its ``SECAGG_NAMES``): train, and answer with a FitRes whose parameters are the update and
+    whose weight is the client's row count; ``secaggplus_mod`` masks both."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    settings = dict(fitins.config)
+    names = json.loads(str(settings.pop(SECAGG_NAMES)))
+    clipping = float(settings.pop(SECAGG_CLIPPING))
+    received = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    trained, metrics = node_train(context, settings, received)
+    update = update_of(trained, received, names)
+    metrics[SECAGG_CLIPPED] = sum(int(np.count_nonzero(np.abs(u) > clipping)) for u in update)
+    fitres = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters(update),
+        int(metrics["num-samples"]),
+        {SECAGG_METRICS: json.dumps(metrics)},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round; every other message
+    passes untouched (Flower's mod takes any training message for one of its stages)."""
+    if (
+        msg.metadata.message_type == MessageType.TRAIN
+        and RECORD_KEY_CONFIGS in msg.content.config_records
+    ):
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def make_client_app() -> ClientApp:
-    app = ClientApp()
+    app = ClientApp(mods=[secure_aggregation])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = str(context.run_config[CONFIG_KEY])
-        path = context.node_config.get(DATA_PATH)
-        if context.run_config.get(SIMULATION_KEY, False) or not use_worker():
-            from fedpeft.engine.flower import train_on_message
-
-            return train_on_message(msg, config, str(path) if path else None)
-        from fedpeft.engine.flower_worker import NodeWorker, process_age_s
-
-        started = process_age_s()  # interpreter, Flower's imports, the app's installation
+        if RECORD_KEY_CONFIGS in msg.content.config_records:  # SecAgg+'s masked-vector stage
+            return secagg_train(msg, context)
         arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
-        request = {
-            "config": config,
-            "settings": dict(msg.content["config"]),
-            "arrays": arrays,
-            "data_path": str(path) if path else None,
-        }
-        worker = NodeWorker(config, str(path) if path else "")
-        before = time.perf_counter()
-        sent, metrics = worker.call("train", request)
-        metrics["start-s"] = started
-        metrics["load-s"] = float(metrics["load-s"]) + worker.spawn_s
-        metrics["relay-s"] = time.perf_counter() - before - float(metrics["worker-s"])
+        sent, metrics = node_train(context, dict(msg.content["config"]), arrays)
         content = RecordDict({"arrays": _record(sent), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
