@@ -12,6 +12,7 @@ validation rows (the config's ``dataset``); each SuperNode owns its training row
 SuperNode starts a ``flwr-clientapp`` process per message (``fedpeft.engine.flower_client``,
 light to import), which hands the message to the node's worker: a process that builds the
 node's job from the YAML and its own rows once and trains (``fedpeft.engine.flower_worker``).
+With ``flower.secagg.enabled`` each round runs under SecAgg+ (``fedpeft.engine.flower_secagg``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedpeft.engine.flower import (
     RUN_DIR_KEY,
     SIMULATION_KEY,
     check_supported,
+    flower_round,
     serve,
     show_log,
 )
@@ -59,7 +61,11 @@ def main(grid: Grid, context: Context) -> None:
             print(f"fedpeft: {stopped}", flush=True)
     else:
         job = server_job(config)
-        serve(grid, job, run_dir, min_nodes=config.flower.min_nodes, node_data=True)
+        play_round = flower_round
+        if config.flower.secagg.enabled:  # the server sees only the clients' masked sum
+            from fedpeft.engine.flower_secagg import secagg_round as play_round
+        min_nodes = config.flower.min_nodes
+        serve(grid, job, run_dir, min_nodes, node_data=True, play_round=play_round)
 
 
 from fedpeft.engine.flower_client import client_app  # noqa: E402, F401 - the app's ClientApp
