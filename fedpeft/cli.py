@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,20 +158,35 @@ def _execute(job, run_dir, quiet: bool) -> int:
     else:
         from fedpeft.engine.local import EmbeddedEngine as Engine
     engine = Engine(job, run_dir, on_event=progress.event)
+    failures: tuple[type[Exception], ...] = ()
+    if job.config.engine == "flower":
+        from fedpeft.engine.flower import SimulationFailed
+
+        failures = (SimulationFailed,)
     try:
         with progress:
             summary = engine.run()
     except KeyboardInterrupt:
-        done = run_dir.load_checkpoint()
-        rounds = done.round if done else 0
         print(
-            f"interrupted after {rounds} completed round(s); continue with: "
+            f"interrupted after {_rounds_done(run_dir)} completed round(s); continue with: "
             f"fedpeft run --resume {run_dir.path}",
             file=sys.stderr,
         )
         return 130
+    except failures as err:
+        print(
+            f"error: {err}; {_rounds_done(run_dir)} completed round(s) kept; continue with: "
+            f"fedpeft run --resume {run_dir.path}",
+            file=sys.stderr,
+        )
+        return 1
     _print_results(run_dir, summary["name"])
     return 0
+
+
+def _rounds_done(run_dir) -> int:
+    done = run_dir.load_checkpoint()
+    return done.round if done else 0
 
 
 def headline_line(summary: dict) -> str:
@@ -721,8 +738,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_terminate(_signum, _frame) -> None:
+    """SIGTERM (``kill PID``) stops a run as Ctrl-C does: every process it started is stopped
+    and only complete rounds are kept, instead of dying with its SuperLink left running."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _stop_on_terminate)
     try:
         return args.func(args)
     except _user_errors() as err:
@@ -733,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,11 @@ def describe_node(node_config: dict, labels: list[str]) -> dict[str, Any]:
 
 
 # -- server side ----------------------------------------------------------------------------------
+class SimulationFailed(RuntimeError):
+    """A simulated run's Flower processes ended before the run did (a process died, e.g. the
+    SuperLink): said in one line; the complete rounds are kept and the run can be resumed."""
+
+
 class Interrupted(Exception):
     """The run was stopped before its end (a progress hook raised): every process it started
     has been stopped, and only complete rounds are recorded."""
@@ -824,12 +829,17 @@ class FlowerEngine:
                     raise events.failure[0] from None
                 if round_failed:
                     raise faults.RoundFailed(round_failed[0]) from None
-                raise RuntimeError(f"the Flower simulation failed: {err}") from None
+                log.debug("flwr run: %s", err)
+                raise SimulationFailed(
+                    f"the Flower simulation stopped before the run ended (its logs: {self.work})"
+                ) from None
             events.finish()
         if events.failure:  # the run ended as the hook raised: the hook's error all the same
             raise events.failure[0]
         if round_failed:
             raise faults.RoundFailed(round_failed[0])
         if not self.run_dir.summary_path.is_file():
-            raise RuntimeError(f"the Flower simulation ended without finishing; see {self.work}")
+            raise SimulationFailed(
+                f"the Flower simulation ended without finishing the run (its logs: {self.work})"
+            )
         return json.loads(self.run_dir.summary_path.read_text())

@@ -295,12 +295,37 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def session_members(sid: int) -> list[psutil.Process]:
+    """The processes of session ``sid`` (our processes start sessions of their own, so this
+    finds their descendants even once their parent has died and they were re-parented)."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Stop a process we started and everything it started, each by PID: TERM, then KILL."""
+    """Stop a process we started and everything it started, each by PID: TERM, then KILL.
+    A process started in a session of its own takes the rest of its session with it (a
+    SuperLink killed from outside leaves its ServerApp and Ray's workers orphaned)."""
     try:
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
+    known = {member.pid for member in family}
+    if proc.pid != os.getsid(0):  # never our own session
+        family += [m for m in session_members(proc.pid) if m.pid not in known]
     for member in family:
         try:
             member.send_signal(signal.SIGTERM)
@@ -344,6 +369,9 @@ class LocalFederation:
         self.superlink: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
         self.logs: dict[int, Path] = {}
+        # every process seen under ours while a run went on: one whose parent dies (a SuperLink
+        # killed from outside) is re-parented away from our tree, and still stopped on exit
+        self.seen: dict[int, psutil.Process] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
@@ -370,10 +398,29 @@ class LocalFederation:
         for proc in [self.superlink, *self.nodes]:
             if proc is not None:
                 stop_process(proc)
+        orphans = [p for p in self.seen.values() if _running(p)]
+        for orphan in orphans:
+            try:
+                orphan.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        stop_leftovers(orphans)
+        self.seen = {}
         self.nodes = []
         self.superlink = None
 
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
+    def remember(self) -> None:
+        """Note every process now under the SuperLink and the nodes (see ``seen``)."""
+        for proc in [self.superlink, *self.nodes]:
+            if proc is None:
+                continue
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    self.seen.setdefault(child.pid, child)
+            except psutil.Error:
+                continue
+
+    def _spawn(self, argv: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
         log = self.work / f"{name}.log"
         with open(log, "ab") as out:
             # A session of its own: Ctrl-C in the terminal reaches fedpeft alone, which then stops
@@ -382,7 +429,7 @@ class LocalFederation:
                 argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env=env or self.env,
                 cwd=self.work,
                 start_new_session=True,
             )
@@ -408,9 +455,18 @@ class LocalFederation:
         argv = supernode_argv(
             self.address, free_port(), ca, key, data and Path(data).resolve(), name
         )
-        proc = self._spawn(argv, f"supernode-{len(self.nodes) + 1}")
+        proc = self._spawn(argv, f"supernode-{len(self.nodes) + 1}", self.node_env())
         self.nodes.append(proc)
         return proc
+
+    def node_env(self) -> dict[str, str]:
+        """A node's environment: its share of this host's cores for torch (the nodes of a
+        loopback federation train at the same time; each taking every core would oversubscribe
+        them), unless ``OMP_NUM_THREADS`` is set already."""
+        if "OMP_NUM_THREADS" in self.env:
+            return self.env
+        share = max(1, (os.cpu_count() or 1) // max(1, self.num_nodes))
+        return {**self.env, "OMP_NUM_THREADS": str(share)}
 
     def register(self, key: Path) -> None:
         """Register a SuperNode's public key (``KEY.pub``) with the SuperLink."""
@@ -470,11 +526,15 @@ class LocalFederation:
         reader.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            ticks = 0
             while proc.poll() is None:
                 if stop is not None and stop.is_set():
                     raise Interrupted("the run was stopped")
                 if deadline is not None and time.monotonic() > deadline:
                     raise FlowerError(f"flwr run took more than {timeout:.0f}s")
+                if ticks % 10 == 0:
+                    self.remember()
+                ticks += 1
                 time.sleep(0.2)
         except BaseException:  # Ctrl-C too: the CLI is in a session of its own, stop it here
             stop_process(proc)

@@ -76,8 +76,11 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def interrupt_after_round_1(proc: subprocess.Popen, run: Path) -> tuple[int, str, float, list]:
-    """Wait for round 1's row, then Ctrl-C; (exit status, stderr, seconds to stop, processes)."""
+def interrupt_after_round_1(
+    proc: subprocess.Popen, run: Path, sig: signal.Signals = signal.SIGINT
+) -> tuple[int, str, float, list]:
+    """Wait for round 1's row, then Ctrl-C (SIGINT to the process group) or ``kill PID``
+    (SIGTERM to fedpeft alone); (exit status, stderr, seconds to stop, processes)."""
     deadline = time.monotonic() + 600
     while not rows(run):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -86,7 +89,10 @@ def interrupt_after_round_1(proc: subprocess.Popen, run: Path) -> tuple[int, str
             pytest.fail(f"no round 1 (status {proc.returncode}): {err[-2000:]}")
         time.sleep(0.2)
     family = descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGINT)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, sig)
     sent = time.monotonic()
     try:
         _out, err = proc.communicate(timeout=120)
@@ -100,8 +106,8 @@ def interrupt_after_round_1(proc: subprocess.Popen, run: Path) -> tuple[int, str
 
 
 def assert_stopped(family: list[psutil.Process]) -> None:
-    alive = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert alive == [], f"processes left running: {alive}"
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"processes left running: {[(p.pid, p.cmdline()[:3]) for p in alive]}"
 
 
 def assert_only_complete_rounds(run: Path, clients: int) -> None:
@@ -130,12 +136,13 @@ def assert_same_result(run: Path, expected: dict) -> None:
         assert torch.allclose(tensor, got[name], atol=1e-5), name
 
 
-def test_ctrl_c_in_simulation_then_resume(tmp_path, toy_data):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_in_simulation_then_resume(tmp_path, toy_data, sig):
     config = job_config(toy_data, clients=4)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     proc = fedpeft("run", "job.yaml", "--out", str(run), "--quiet", cwd=tmp_path)
-    status, err, seconds, family = interrupt_after_round_1(proc, run)
+    status, err, seconds, family = interrupt_after_round_1(proc, run, sig)
     assert status == 130, err[-2000:]
     assert seconds < STOP_WITHIN_S, f"took {seconds:.1f}s to stop"
     assert err.count("--resume") == 1 and f"fedpeft run --resume {run}" in err, err[-2000:]
@@ -168,4 +175,39 @@ def test_ctrl_c_in_a_local_deployment_then_resume(tmp_path, toy_data):
     _out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err[-2000:]
     assert "started with fedpeft flower local" in err
+    assert_same_result(run, reference(tmp_path, config))
+
+
+def test_a_killed_superlink_fails_the_run_in_one_line_and_resume_finishes_it(tmp_path, toy_data):
+    """The SuperLink dies mid-run (SIGKILL): fedpeft stops every process it started, says so in
+    one line with the resume command, and keeps only complete rounds; resumed, the run ends
+    where an uninterrupted one does."""
+    config = job_config(toy_data, clients=4)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    proc = fedpeft("run", "job.yaml", "--out", str(run), "--quiet", cwd=tmp_path)
+    deadline = time.monotonic() + 600
+    while not rows(run):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    family = descendants(proc.pid)
+    superlinks = [p for p in family if "flower-superlink" in " ".join(p.cmdline())]
+    assert len(superlinks) == 1, [p.cmdline() for p in family]
+    superlinks[0].kill()
+    try:
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        for member in [*family, *descendants(proc.pid)]:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert proc.returncode not in (0, 130), err[-2000:]
+    assert "Traceback" not in err and f"fedpeft run --resume {run}" in err, err[-2000:]
+    assert_stopped(family)
+    assert_only_complete_rounds(run, 4)
+
+    resumed = fedpeft("run", "--resume", str(run), "--quiet", cwd=tmp_path)
+    _out, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-2000:]
     assert_same_result(run, reference(tmp_path, config))
