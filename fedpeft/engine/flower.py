@@ -65,7 +65,12 @@ from fedpeft.client import LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
-from fedpeft.engine.flower_client import CONFIG_KEY, SIMULATION_KEY  # noqa: E402, F401
+from fedpeft.engine.flower_client import (  # noqa: E402, F401
+    CONFIG_KEY,
+    SIMULATION_KEY,
+    STORE_RECORD,
+)
+from fedpeft.engine.flower_store import NodeStore, state_folder  # noqa: E402
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
 from fedpeft.job import Job, build_job  # noqa: E402
 from fedpeft.methods.base import ClientFit, ClientUpdate, RoundReport  # noqa: E402
@@ -149,9 +154,7 @@ def to_state(record: ArrayRecord) -> State:
 
 # -- client side ----------------------------------------------------------------------------------
 _JOBS: dict[str, Job] = {}  # one job per process: the model and data load once, not per message
-_STORES: dict[
-    str, skeleton.ClientStore
-] = {}  # the clients' persistent tensors kept by this node process
+_STORES: dict[str, NodeStore] = {}  # deployment: the clients' persistent tensors on this node
 
 
 def _key(*parts: object) -> str:
@@ -178,7 +181,6 @@ def client_job(config_yaml: str, node: tuple | None = None) -> tuple[Job, float,
         path, cid, num_clients, names = node
         rows = flower_data.read_node_rows(path, list(names))
         _JOBS[key] = flower_data.node_job(config, rows, cid, num_clients)
-    _STORES[key] = skeleton.ClientStore()
     return _JOBS[key], since_start, time.time() - started
 
 
@@ -191,12 +193,18 @@ def arrays_to_state(arrays: Arrays) -> State:
 
 
 def train_arrays(
-    config_yaml: str, settings: dict[str, Any], arrays: Arrays, data_path: str | None = None
-) -> tuple[Arrays, dict[str, Any]]:
+    config_yaml: str,
+    settings: dict[str, Any],
+    arrays: Arrays,
+    data_path: str | None = None,
+    carried: Arrays | None = None,
+) -> tuple[Arrays, dict[str, Any], Arrays | None]:
     """One client's round as plain data: the received tensors and the message's settings in,
     the upload and its figures out. On a node started with its own data (``data_path``) the
     client is that data. The ClientApp runs it in process (simulation) or on the node's worker
-    (deployment, ``fedpeft.engine.flower_worker``)."""
+    (deployment, ``fedpeft.engine.flower_worker``). The client's persistent tensors
+    (``fedpeft.engine.flower_store``): ``carried`` in and out with the message (simulation;
+    the third value), else kept on this node (None)."""
     rnd, cid = int(settings["round"]), int(settings["cid"])
     node = None
     if data_path is not None:
@@ -209,11 +217,25 @@ def train_arrays(
             name: getattr(torch, d) for name, d in json.loads(str(settings["dtypes"])).items()
         }
         received = quantize.unpack_int8(received, dtypes)
+    if "method" in settings:  # the server's decisions this client trains under
+        job.method.load_client_settings(json.loads(str(settings["method"])))
     job.method.prepare_client(job.model, rnd, cid)
     started = time.perf_counter()
-    store = _STORES.setdefault(_key(config_yaml, node), skeleton.ClientStore())
+    if carried is not None:
+        store = arrays_to_state(carried)
+    else:
+        key = _key(config_yaml, node)
+        if key not in _STORES:
+            _STORES.clear()
+            _STORES[key] = NodeStore(state_folder(data_path, key))
+        store = _STORES[key].load(cid, rnd)
     # as in the embedded engine: a simulated attacker poisons, local DP randomises the upload
-    work, clipped = skeleton.client_upload(job, rnd, cid, received, store.of(cid))
+    work, clipped = skeleton.client_upload(job, rnd, cid, received, store)
+    kept = None
+    if carried is not None:
+        kept = {name: t.detach().contiguous().numpy() for name, t in store.items()}
+    else:
+        _STORES[key].save(cid, rnd, store)
     sent, result, compute_s = work.sent, work.result, work.compute_s
     if job.config.quantize == "int8":  # the update travels as int8 codes + scales
         sent = quantize.encode_update(sent, received)
@@ -236,15 +258,20 @@ def train_arrays(
         }
     )
     out = {name: tensor.detach().contiguous().numpy() for name, tensor in sent.items()}
-    return out, metrics
+    return out, metrics, kept
 
 
 def train_on_message(msg: Message, config_yaml: str, data_path: str | None = None) -> Message:
     """``train_arrays`` on a Flower message, in this process."""
     arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     settings = dict(msg.content["config"])
-    sent, metrics = train_arrays(config_yaml, settings, arrays, data_path)
+    carried = None
+    if STORE_RECORD in msg.content.array_records:
+        carried = {k: a.numpy() for k, a in msg.content[STORE_RECORD].items()}
+    sent, metrics, kept = train_arrays(config_yaml, settings, arrays, data_path, carried)
     content = RecordDict({"arrays": arrays_record(sent), "metrics": MetricRecord(metrics)})
+    if kept is not None:
+        content[STORE_RECORD] = arrays_record(kept)
     return Message(content, reply_to=msg)
 
 
@@ -334,6 +361,9 @@ class FedpeftStrategy(Strategy):
         self.suspects: set[int] = set()  # nodes that missed the last round's deadline
         self.client_wall: dict[str, list[float]] = {}  # clients' own timings, this round
         self.started = self.sent_at = 0.0
+        # Simulation: the server keeps the clients' stores and sends each its own (a deployed
+        # node keeps its own: ``fedpeft.engine.flower_store``)
+        self.carry_store = nodes is None
 
     @property
     def global_state(self) -> State:
@@ -405,6 +435,9 @@ class FedpeftStrategy(Strategy):
             targets = [
                 (c, nodes[i % len(nodes)]) for i, c in enumerate(self.clients if nodes else [])
             ]
+        decided = self.method.client_settings()
+        if decided:  # what the method decided on the server, for the clients' own copies
+            settings["method"] = json.dumps(decided)
         int8_down = self.config.quantize == "int8" and self.config.quantize_download
         for cid, node in targets:
             down = self.method.download(rnd, cid, self.global_state)
@@ -428,6 +461,10 @@ class FedpeftStrategy(Strategy):
                     "config": ConfigRecord({"round": rnd, "cid": cid, **settings, **extra}),
                 }
             )
+            if self.carry_store:  # not traffic: a deployed client's store never leaves it
+                content[STORE_RECORD] = arrays_record(
+                    {k: t.contiguous().numpy() for k, t in self.state.store.of(cid).items()}
+                )
             self.node_of[cid] = node
             messages.append(
                 Message(
@@ -510,7 +547,12 @@ class FedpeftStrategy(Strategy):
             if reply.has_error():
                 log.warning("a client failed: %s", reply.error.reason)
                 continue
-            answers[int(reply.content["metrics"]["cid"])] = reply
+            cid = int(reply.content["metrics"]["cid"])
+            answers[cid] = reply
+            if self.carry_store and STORE_RECORD in reply.content.array_records:
+                kept = self.state.store.of(cid)  # the client's store as it ended its training
+                kept.clear()
+                kept.update(to_state(reply.content[STORE_RECORD]))
         fits = {
             cid: self._fit(answers[cid])
             for cid in self.clients

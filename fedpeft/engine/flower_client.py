@@ -41,6 +41,7 @@ from flwr.compat.common import recorddict_compat as compat
 CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML
 SIMULATION_KEY = "fedpeft-simulation"  # run-config key: the run is simulated (FlowerEngine)
 DATA_PATH = "data-path"  # node-config key: the node's own rows
+STORE_RECORD = "store"  # simulation: the client's persistent tensors, to it and back
 # A SecAgg+ round's FitIns config and FitRes metrics (``fedpeft.engine.flower_secagg``)
 SECAGG_NAMES = "secagg-names"  # the tensors' names, in the order of the FitIns' arrays
 SECAGG_CLIPPING = "secagg-clipping-range"  # SecAgg+ clips update entries to +-this
@@ -61,17 +62,21 @@ def use_worker() -> bool:
 
 
 def node_train(
-    context: Context, settings: dict[str, Any], arrays: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    context: Context,
+    settings: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    carried: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray] | None]:
     """``fedpeft.engine.flower.train_arrays`` for this node: on its worker (deployment), else
-    in this process (simulation, ``FEDPEFT_NODE_WORKER=0``). Returns the upload and figures."""
+    in this process (simulation, ``FEDPEFT_NODE_WORKER=0``). Returns the upload, the figures
+    and the client's store when it was ``carried`` in the message (simulation)."""
     config = str(context.run_config[CONFIG_KEY])
     path = context.node_config.get(DATA_PATH)
     data_path = str(path) if path else None
     if context.run_config.get(SIMULATION_KEY, False) or not use_worker():
         from fedpeft.engine.flower import train_arrays
 
-        return train_arrays(config, settings, arrays, data_path)
+        return train_arrays(config, settings, arrays, data_path, carried)
     from fedpeft.engine.flower_worker import NodeWorker, process_age_s
 
     started = process_age_s()  # interpreter, Flower's imports, the app's installation
@@ -82,7 +87,7 @@ def node_train(
     metrics["start-s"] = started
     metrics["load-s"] = float(metrics["load-s"]) + worker.spawn_s
     metrics["relay-s"] = time.perf_counter() - before - float(metrics["worker-s"])
-    return sent, metrics
+    return sent, metrics, None
 
 
 def update_of(
@@ -105,7 +110,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
     names = json.loads(str(settings.pop(SECAGG_NAMES)))
     clipping = float(settings.pop(SECAGG_CLIPPING))
     received = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
-    trained, metrics = node_train(context, settings, received)
+    trained, metrics, _kept = node_train(context, settings, received)
     update = update_of(trained, received, names)
     metrics[SECAGG_CLIPPED] = sum(int(np.count_nonzero(np.abs(u) > clipping)) for u in update)
     fitres = FitRes(
@@ -136,8 +141,14 @@ def make_client_app() -> ClientApp:
         if RECORD_KEY_CONFIGS in msg.content.config_records:  # SecAgg+'s masked-vector stage
             return secagg_train(msg, context)
         arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
-        sent, metrics = node_train(context, dict(msg.content["config"]), arrays)
+        carried = None
+        if STORE_RECORD in msg.content.array_records:  # simulation: the store travels
+            carried = {name: a.numpy() for name, a in msg.content[STORE_RECORD].items()}
+        settings = dict(msg.content["config"])
+        sent, metrics, kept = node_train(context, settings, arrays, carried)
         content = RecordDict({"arrays": _record(sent), "metrics": MetricRecord(metrics)})
+        if kept is not None:
+            content[STORE_RECORD] = _record(kept)
         return Message(content, reply_to=msg)
 
     @app.query()

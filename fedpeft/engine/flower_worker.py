@@ -143,7 +143,7 @@ def handle(kind: str, request: dict[str, Any]) -> Any:
         return os.getpid()
     if kind == "train":
         started = time.perf_counter()
-        sent, metrics = flower.train_arrays(
+        sent, metrics, _kept = flower.train_arrays(  # the store stays on this node
             request["config"], request["settings"], request["arrays"], request["data_path"]
         )
         metrics["worker-s"] = time.perf_counter() - started

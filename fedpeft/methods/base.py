@@ -160,6 +160,17 @@ class FederatedMethod:
         """JSON values and tensors (nested dicts/lists): checkpointed without pickle."""
         return {}
 
+    # -- between the two sides ------------------------------------------------------------------
+    def client_settings(self) -> dict[str, Any]:
+        """What a client needs of the server's decisions to train this round (e.g. which
+        layers are aggregated), as JSON values. The embedded engine's clients share this object;
+        the Flower engine sends it with every download and the client's process loads it with
+        ``load_client_settings``. Not counted as traffic: a few numbers beside the tensors."""
+        return {}
+
+    def load_client_settings(self, settings: dict[str, Any]) -> None:
+        """Take the server's ``client_settings`` in a client's own process."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 

@@ -319,6 +319,18 @@ class FibecFed(FederatedMethod):
         if cid is not None and store is not None:
             self._restore_local(model, store)
 
+    def client_settings(self) -> dict[str, Any]:
+        """The aggregation layers and since when each other layer is local: a client needs them
+        to know what it keeps, restores and uploads."""
+        return {
+            "global_layers": self.global_layers,
+            "local_since": {str(k): v for k, v in self.local_since.items()},
+        }
+
+    def load_client_settings(self, settings: dict[str, Any]) -> None:
+        self.global_layers = settings.get("global_layers")
+        self.local_since = {int(k): int(v) for k, v in settings.get("local_since", {}).items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "algorithm": self.algorithm.state_dict(),
@@ -342,5 +354,4 @@ SPEC = MethodSpec(
     system=lambda config, info: FibecFed(
         config.fibecfed, info.algorithm, seed=config.seed, num_labels=info.num_labels
     ),
-    engines=("embedded",),
 )

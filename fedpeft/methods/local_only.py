@@ -80,5 +80,4 @@ SPEC = registry.MethodSpec(
     default_lr=1e-2,  # the adapter's and LoRA's (FedPETuning study, validation-only selection)
     system=lambda config, info: LocalOnly(),
     check=_check,
-    engines=("embedded",),
 )

@@ -63,6 +63,15 @@ def test_simulation_matches_embedded_engine(tmp_path, toy_data, quantized):
 
 SEED_SYSTEMS = {
     "c2a": {"method": "c2a", "c2a": {"label_input": "client"}},
+    # layers selected after round 1, local sparse LoRA kept in the clients' stores, rescored
+    # from stored momenta in round 3: the stores travel with the messages in simulation
+    "fibecfed": {
+        "method": "fibecfed",
+        "rounds": 3,
+        "fibecfed": {"rescore_every": 2, "rounds_to_full": 3, "global_layers": 1},
+    },
+    # nothing aggregated: each client's module lives in its store only
+    "local": {"method": "local", "rounds": 3, "local": {"unit": "lora"}},
 }
 
 
@@ -326,7 +335,11 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
         (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=0.5"], "whole"),
-        (["run", str(config), "--set", "engine=flower", "--set", "method=local"], "engine: flower"),
+        (
+            ["run", str(config), "--set", "engine=flower", "--set", "method=autofednlp"]
+            + ["--set", "num_clients=6"],
+            "engine: flower",
+        ),
     ]
     for i, (argv, words) in enumerate(cases):
         out = tmp_path / f"run{i}"

@@ -69,6 +69,30 @@ def test_two_supernodes_two_rounds(tmp_path, toy_data):
     assert summary["complete"] and (tmp_path / "run" / "weights.safetensors").is_file()
 
 
+def test_fibecfed_deployed_keeps_each_clients_state_on_its_node(tmp_path, toy_data):
+    """FibecFed on two SuperNodes: the server's layer choice reaches the nodes, the local LoRA
+    layer stays there (round 2 uploads less than round 1), and each node keeps its own
+    client's state in its own folder, one file per round it trained."""
+    raw = deploy_config(toy_data)
+    raw.update(
+        method="fibecfed",
+        clients_per_round=2,
+        rounds=2,
+        fibecfed={"rescore_every": 1, "global_layers": 1},
+    )
+    app, data = deployed(tmp_path, raw)
+    with LocalFederation(tmp_path / "fed", num_nodes=2, node_data=data) as federation:
+        federation.run(app, timeout=600)
+    first, second = metrics(tmp_path / "run")
+    assert first["clients_failed"] == second["clients_failed"] == []
+    assert len(first["aggregated_layers"]) > len(second["aggregated_layers"]) == 1
+    assert 0 < second["bytes_up"] < first["bytes_up"]
+    for cid, folder in enumerate(data):
+        kept = sorted(p.name for p in (folder / ".fedpeft-state").rglob("*.safetensors"))
+        assert kept == [f"c{cid}-r1.safetensors", f"c{cid}-r2.safetensors"], kept
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
+
+
 def test_tls_and_node_auth_refuse_an_unregistered_node(tmp_path, toy_data):
     creds = make_credentials(tmp_path / "creds", num_nodes=2)
     app, data = deployed(tmp_path, deploy_config(toy_data, insecure=False))

@@ -85,7 +85,7 @@ def test_training_on_the_worker_equals_training_in_process(supernode, toy_data):
     state = {k: v.clone() for k, v in trainable_state(job.model).items()}
     arrays = {k: v.numpy() for k, v in state.items()}
     settings = {"round": 1, "cid": 1}
-    expected, _ = flower.train_arrays(config_yaml, settings, arrays)
+    expected, _, _ = flower.train_arrays(config_yaml, settings, arrays)
     flower._JOBS.clear()  # the worker builds its own job from the YAML
     sent, metrics = NodeWorker(config_yaml, "", supernode=supernode.pid).call(
         "train", {"config": config_yaml, "settings": settings, "arrays": arrays, "data_path": None}
