@@ -1,12 +1,19 @@
-"""Benchmark: the same workload on the embedded engine, Flower simulation and a Flower deployment.
+"""Benchmark: the same workloads on the embedded engine, Flower simulation and a Flower deployment.
 
-MiniLM + LoRA on AG News, 20 clients, 5 per round, 3 rounds, the same fixed local steps. Each
-engine runs as its own ``fedpeft`` command, one after the other in one sitting; a sampler adds
-up the memory of that command and every process under it (Ray's services and actors, SuperLink,
-SuperNodes, ClientApp processes) every 0.5 s and keeps the peak. Memory is PSS, so pages that
-processes share (libraries, a forked parent) are counted once.
+Two workloads, MiniLM + LoRA on AG News, seq 64:
+- ``training``: 5 clients, all in every round, 3 rounds, ``--steps`` local steps of batch 16
+  (training dominates); embedded, Flower simulation, and a loopback deployment (``fedpeft flower
+  local``, one SuperNode per client, each on its own rows) twice: with the node worker that
+  keeps the model and rows across messages (``fedpeft.engine.flower_worker``) and without it (``FEDPEFT_NODE_WORKER=0``: every message
+  imports the engine and rebuilds the job in its own process, as before the worker existed);
+- ``cross-device``: 1,000 clients, 100 per round, 3 rounds, 2 local steps of batch 8 (little work
+  per client: engine overhead dominates); embedded and Flower simulation.
+Each run is its own ``fedpeft`` command, one after the other in one sitting; a sampler adds up
+the memory of that command and every process under it (Ray's services and actors, SuperLink,
+SuperNodes, ClientApp processes, node workers) every 0.5 s and keeps the peak. Memory is PSS, so
+pages that processes share (libraries, a forked parent) are counted once.
 
-    .venv/bin/python benchmarks/flower_vs_embedded.py [--steps 5] [--out benchmarks/results/flower.md]
+    .venv/bin/python benchmarks/flower_vs_embedded.py [--steps 3] [--only training]
 """
 
 from __future__ import annotations
@@ -28,25 +35,37 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def workload(steps: int) -> dict:
-    return {
-        "name": "flower-bench",
+def workload(name: str, steps: int) -> dict:
+    base = {
+        "name": f"flower-bench-{name}",
         "model": "minilm",
         "dataset": "ag_news",
         "method": "lora",
         "algorithm": "fedavg",
-        "num_clients": 20,
-        "clients_per_round": 5,
         "rounds": 3,
-        "local_steps": steps,
-        "batch_size": 16,
         "lr": 5e-3,
         "max_seq_len": 64,
         "partition": "dirichlet",
         "alpha": 1.0,
-        "max_train_samples": 2000,
         "max_test_samples": 300,
         "seed": 0,
+    }
+    if name == "training":
+        return {
+            **base,
+            "num_clients": 5,  # a deployed node is one client: 5 SuperNodes
+            "clients_per_round": 5,
+            "local_steps": steps,
+            "batch_size": 16,
+            "max_train_samples": 2000,
+        }
+    return {  # cross-device: many clients, little work each
+        **base,
+        "num_clients": 1000,
+        "clients_per_round": 100,
+        "local_steps": 2,
+        "batch_size": 8,
+        "max_train_samples": 10000,
     }
 
 
@@ -62,12 +81,13 @@ def tree_memory(root: psutil.Process) -> int:
     return total
 
 
-def measure(argv: list[str], log: Path) -> dict:
+def measure(argv: list[str], log: Path, env: dict | None = None) -> dict:
     """Run a command; its wall seconds, peak memory of its process tree, and process count."""
     peak, most = 0, 0
     started = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        env = {**os.environ, **(env or {})}
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         root = psutil.Process(proc.pid)
         done = threading.Event()
 
@@ -103,105 +123,120 @@ def mean_of(run: Path, key: str, first_round_only: bool = False) -> float | None
     return sum(values) / len(values) if values else None
 
 
+def commands(config: Path, nodes: int) -> dict[str, tuple[list[str], dict]]:
+    """Each engine's command line and extra environment."""
+    fedpeft = [sys.executable, "-m", "fedpeft.cli"]
+    deploy = [*fedpeft, "flower", "local", str(config), "--set", "flower.insecure=true"]
+    deploy += ["--set", f"flower.min_nodes={nodes}", "--nodes", str(nodes), "--out"]
+    return {
+        "embedded": ([*fedpeft, "run", str(config), "--quiet", "--out"], {}),
+        "flower simulation": (
+            [*fedpeft, "run", str(config), "--quiet", "--set", "engine=flower", "--out"],
+            {},
+        ),
+        "flower deployment": (deploy, {}),
+        "flower deployment, no worker": (deploy, {"FEDPEFT_NODE_WORKER": "0"}),
+    }
+
+
+ENGINES = {
+    "training": [
+        "embedded",
+        "flower simulation",
+        "flower deployment",
+        "flower deployment, no worker",
+    ],
+    "cross-device": ["embedded", "flower simulation"],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="local steps per client")
-    parser.add_argument("--nodes", type=int, default=2, help="SuperNodes in the deployment")
+    parser.add_argument("--steps", type=int, default=3, help="local steps (training workload)")
+    parser.add_argument("--only", choices=list(ENGINES), help="one workload")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "flower.md"))
-    parser.add_argument("--skip-deployment", action="store_true")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="flower-bench-"))
-    config = work / "workload.yaml"
-    config.write_text(yaml.safe_dump(workload(args.steps)))
-    fedpeft = [sys.executable, "-m", "fedpeft.cli"]
-    runs = {
-        "embedded": [*fedpeft, "run", str(config), "--quiet", "--out"],
-        "flower simulation": [
-            *fedpeft,
-            "run",
-            str(config),
-            "--quiet",
-            "--set",
-            "engine=flower",
-            "--out",
-        ],
-        "flower deployment": [
-            *fedpeft,
-            "flower",
-            "local",
-            str(config),
-            "--set",
-            "flower.insecure=true",
-            "--set",
-            f"flower.min_nodes={args.nodes}",
-            "--nodes",
-            str(args.nodes),
-            "--out",
-        ],
-    }
-    if args.skip_deployment:
-        del runs["flower deployment"]
-    results = {}
-    for name, argv in runs.items():
-        folder = work / name.replace(" ", "-")
-        print(f"running {name} ...", flush=True)
-        results[name] = measure([*argv, str(folder)], work / f"{folder.name}.log")
-        summary = json.loads((folder / "summary.json").read_text())
-        results[name].update(
-            accuracy=summary["final_accuracy"],
-            bytes=summary["bytes_up_total"] + summary["bytes_down_total"],
-            folder=folder,
-        )
-        print(f"  {results[name]}", flush=True)
+    results: dict[str, dict[str, dict]] = {}
+    for name, engines in ENGINES.items():
+        if args.only and name != args.only:
+            continue
+        config = work / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(workload(name, args.steps)))
+        lines = commands(config, workload(name, args.steps)["num_clients"])
+        results[name] = {}
+        for engine in engines:
+            argv, env = lines[engine]
+            folder = work / f"{name}-{engine.replace(' ', '-').replace(',', '')}"
+            print(f"{name}: running {engine} ...", flush=True)
+            result = measure([*argv, str(folder)], work / f"{folder.name}.log", env)
+            summary = json.loads((folder / "summary.json").read_text())
+            result.update(
+                accuracy=summary["final_accuracy"],
+                bytes=summary["bytes_up_total"] + summary["bytes_down_total"],
+                folder=folder,
+            )
+            results[name][engine] = result
+            print(f"  {result}", flush=True)
     Path(args.out).write_text(report(results, args))
     print(Path(args.out).read_text())
 
 
 def report(results: dict, args: argparse.Namespace) -> str:
-    base = results["embedded"]
     lines = [
         "## Flower engine vs embedded engine",
         "",
-        f"MiniLM + LoRA (r8, query/value) on AG News: 20 clients (Dirichlet 1.0), 5 per round, "
-        f"3 rounds, {args.steps} local steps of batch 16, seq 64, 2000 train / 300 test rows. "
-        "Each engine ran as its own `fedpeft` command, one after the other; peak memory is the "
-        "PSS of the command and all processes under it, sampled every 0.5 s.",
-        "",
-        "| engine | wall clock | peak memory (all processes) | processes | final acc | bytes | "
-        "wall vs embedded | memory vs embedded |",
-        "|---|---|---|---|---|---|---|---|",
+        "Workloads (MiniLM + LoRA r8 on AG News, seq 64, 300 test rows, 3 rounds): **training**, "
+        f"5 clients (Dirichlet 1.0), all in every round, {args.steps} local steps of batch 16; "
+        "**cross-device**, 1,000 clients, 100 per round, 2 local steps of batch 8. Each engine "
+        "ran as its own `fedpeft` command, one after the other; peak memory is the PSS of the "
+        "command and all processes under it, sampled every 0.5 s. Deployment: "
+        "`fedpeft flower local` with one SuperNode per client on 127.0.0.1, no TLS, each on its "
+        "own rows; 'no worker' is the same with `FEDPEFT_NODE_WORKER=0` (every message imports "
+        "the engine and builds the job in its own process: the state before the node worker).",
     ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['wall_s']:.0f} s | {r['peak_bytes'] / 2**20:.0f} MiB | "
-            f"{r['processes']} | {r['accuracy']:.4f} | {r['bytes']:,} | "
-            f"{r['wall_s'] / base['wall_s']:.2f}x | {r['peak_bytes'] / base['peak_bytes']:.2f}x |"
-        )
-    lines.append("")
-    sim = results.get("flower simulation")
-    if sim:
-        lines.append(
-            f"Flower simulation took **{sim['wall_s'] / base['wall_s']:.2f}x** the embedded "
-            f"engine's wall clock and **{sim['peak_bytes'] / base['peak_bytes']:.2f}x** its memory "
-            "(our aim: 5x faster, a third of the memory)."
-        )
-    dep = results.get("flower deployment")
-    if dep:
-        folder = dep["folder"]
-        start = mean_of(folder, "client_start_s")
-        load = mean_of(folder, "client_load_s")
-        train = mean_of(folder, "client_train_s")
+    for name, runs in results.items():
+        base = runs["embedded"]
         lines += [
             "",
-            f"Flower deployment ({args.nodes} SuperNodes on 127.0.0.1, no TLS): every message "
-            "starts a fresh `flwr-clientapp` process that imports torch/transformers/peft and "
-            "rebuilds the job (model, data, partition) before it trains. Per message, on average: "
-            f"**{start:.1f} s** from process start to the ClientApp (interpreter + imports), "
-            f"**{load:.1f} s** loading MiniLM and the data, **{train:.1f} s** training. "
-            "The rest of the wall clock is the SuperLink, SuperNodes and ServerApp starting "
-            "(the ServerApp loads the model too) and the message polling between them.",
+            f"### {name}",
+            "",
+            "| engine | wall clock | peak memory (all processes) | processes | final acc | bytes "
+            "| wall vs embedded | memory vs embedded |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        for engine, r in runs.items():
+            lines.append(
+                f"| {engine} | {r['wall_s']:.0f} s | {r['peak_bytes'] / 2**20:.0f} MiB | "
+                f"{r['processes']} | {r['accuracy']:.4f} | {r['bytes']:,} | "
+                f"{r['wall_s'] / base['wall_s']:.2f}x | "
+                f"{r['peak_bytes'] / base['peak_bytes']:.2f}x |"
+            )
+        breakdown = [
+            (engine, r) for engine, r in runs.items() if engine.startswith("flower deployment")
+        ]
+        if breakdown:
+            lines += [
+                "",
+                "Per message, mean over the run's messages (a deployment's ClientApp reports "
+                "them): *start* from the `flwr-clientapp` process's start to the ClientApp's "
+                "code (interpreter, Flower's imports, and without the worker torch and fedpeft "
+                "too); *load* building the job (model, rows; paid once per node with the "
+                "worker, which the first message also starts); *relay* handing the message to "
+                "the worker and back; *train* the client step itself.",
+                "",
+                "| engine | start | load | relay | train | overhead (start + load + relay) |",
+                "|---|---|---|---|---|---|",
+            ]
+            for engine, r in breakdown:
+                parts = [
+                    mean_of(r["folder"], f"client_{key}_s") for key in ("start", "load", "relay")
+                ]
+                train = mean_of(r["folder"], "client_train_s")
+                cells = [DASH if v is None else f"{v:.2f} s" for v in [*parts, train]]
+                overhead = sum(v for v in parts if v is not None)
+                lines.append(f"| {engine} | {' | '.join(cells)} | {overhead:.2f} s |")
     lines += [
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
@@ -210,6 +245,9 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+DASH = "—"
 
 
 if __name__ == "__main__":
