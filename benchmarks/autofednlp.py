@@ -556,6 +556,9 @@ def report(r: h.Results) -> tuple[list[str], dict[str, Any]]:
             continue
         figures[study.dataset] = dataset_figures(study, runs)
         lines += section(study, figures[study.dataset])
+    plot = _plot(r, figures)
+    if plot is not None:
+        lines += [f"![accuracy against simulated time]({plot.name})", ""]
     wall = sum(v.get("wall_time_total_s", 0.0) for v in r.found.values())
     lines += [
         f"Wall-clock of the whole study: {h.duration(wall)} of run time in {len(r.found)} "
@@ -564,6 +567,31 @@ def report(r: h.Results) -> tuple[list[str], dict[str, Any]]:
         "",
     ]
     return lines, {"datasets": figures, "wall_clock_s": wall}
+
+
+def _plot(r: h.Results, figures: dict[str, Any]) -> Path | None:
+    """Test accuracy against simulated time (log scale), one panel per finished dataset: vanilla,
+    the strong baselines and oracles as the page chose them, and AutoFedNLP."""
+    panels = []
+    for dataset, fig in figures.items():
+        runs = {c.run: v for c, v in r.select(dataset=dataset).items()}
+        shown = {
+            "vanilla": "vanilla",
+            "ftq": "ftq",
+            fig["lf_oracle"]: f"LF_oracle ({fig['lf_oracle']})",
+            "lf_oracle_int8": "LF_oracle + int8",
+            fig["oracle_adapter"]: f"oracle adapter ({fig['oracle_adapter']})",
+            "autofednlp": "autofednlp",
+        }
+        lines = {
+            label: h.curve(runs[run], lambda row: row["sim_time_total_s"])
+            for run, label in shown.items()
+            if run in runs
+        }
+        panels.append(h.Panel(dataset, "simulated time (s, log)", lines, xscale="log"))
+    if not panels:
+        return None
+    return h.line_panels(r.plot_path("acc_vs_sim_time"), panels)
 
 
 STUDY = h.Study(
