@@ -89,7 +89,8 @@ def test_cache_round_trip_gives_identical_tensors(
     monkeypatch.undo()
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
     tokenize(SHORT_AND_LONG, minilm_tokenizer, max_len=8, cache_key="tiny:train")
-    assert len(list((tmp_path / "cache" / "tokens").glob("*.safetensors"))) == 2  # max_len is in the key
+    # max_len is in the key
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.safetensors"))) == 2
 
 
 def test_broken_cache_file_is_rebuilt(minilm_tokenizer, tmp_path: Path) -> None:
