@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
 from fedpeft import cost, faults, payload, quantize  # noqa: E402
-from fedpeft.client import LocalResult  # noqa: E402
+from fedpeft.client import Evaluation, LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
@@ -73,7 +74,13 @@ from fedpeft.engine.flower_client import (  # noqa: E402, F401
 from fedpeft.engine.flower_store import NodeStore, state_folder  # noqa: E402
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
 from fedpeft.job import Job, build_job  # noqa: E402
-from fedpeft.methods.base import ClientFit, ClientUpdate, RoundReport  # noqa: E402
+from fedpeft.methods.base import (  # noqa: E402
+    ClientFit,
+    ClientRunner,
+    ClientUpdate,
+    RoundDriver,
+    RoundReport,
+)
 from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
 from fedpeft.runs import RunDir  # noqa: E402
 
@@ -126,12 +133,25 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
                     f"{name}: a deployment does not run it yet; run it in simulation "
                     "(engine: flower) or on the embedded engine"
                 )
+        if registry.get(config.method).drives_rounds:
+            raise ConfigError(
+                f"method: a deployment does not run {config.method} yet (its trial budgets are "
+                "planned from every client's rows, which only the nodes hold); run it in "
+                "simulation (engine: flower) or on the embedded engine"
+            )
         if config.privacy.membership_inference:  # its members are rows only the nodes hold
             raise ConfigError(
                 "privacy.membership_inference: a deployment's server holds no client's training "
                 "rows to attack; set it to false (or run it in simulation, engine: flower)"
             )
         return
+    if config.activation_cache.enabled:  # misses are charged per process, not per client
+        raise ConfigError(
+            "activation_cache.enabled: in Flower simulation any process may serve any client, "
+            "so a cache per process would charge a client's rows again where another process "
+            "cached them; set activation_cache.enabled=false (a deployment, one node per "
+            "client, or the embedded engine keeps it)"
+        )
     cores = os.cpu_count() or 1
     if config.flower.num_cpus != int(config.flower.num_cpus):  # `flwr run` takes whole cores
         raise ConfigError(
@@ -230,7 +250,8 @@ def train_arrays(
             _STORES[key] = NodeStore(state_folder(data_path, key))
         store = _STORES[key].load(cid, rnd)
     # as in the embedded engine: a simulated attacker poisons, local DP randomises the upload
-    work, clipped = skeleton.client_upload(job, rnd, cid, received, store)
+    stream = tuple(json.loads(str(settings["stream"]))) if "stream" in settings else ()
+    work, clipped = skeleton.client_upload(job, rnd, cid, received, store, stream)
     kept = None
     if carried is not None:
         kept = {name: t.detach().contiguous().numpy() for name, t in store.items()}
@@ -384,6 +405,13 @@ class FedpeftStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self.first_round + server_round - 1
+        self.begin_round(rnd, grid)
+        self.clients = self._sample(rnd, 0)
+        self.sent_at = time.perf_counter()
+        return self._messages(rnd, 0)
+
+    def begin_round(self, rnd: int, grid: Grid) -> None:
+        """A round's start: the federation formed (or what is left of it), the nodes to use."""
         self.started = time.perf_counter()
         self.on_event("round_start", {"round": rnd})
         if not self.formed:  # the federation forms: wait for min_nodes
@@ -401,9 +429,6 @@ class FedpeftStrategy(Strategy):
         skeleton.start_faults(self.job, self.report)
         self.failed, self.noised = [], []
         self.client_wall = {"start-s": [], "load-s": [], "train-s": [], "relay-s": []}
-        self.clients = self._sample(rnd, 0)
-        self.sent_at = time.perf_counter()
-        return self._messages(rnd, 0)
 
     def _sample(self, rnd: int, attempt: int) -> list[int]:
         """The clients of an attempt, drawn as the embedded engine draws them; with nodes that
@@ -417,9 +442,14 @@ class FedpeftStrategy(Strategy):
                 clients = sorted(int(cid) for cid in draw)
         return clients
 
-    def _messages(self, rnd: int, attempt: int) -> list[Message]:
-        """What each client of the attempt receives. A client that ``faults`` crashes gets its
-        download counted and no message (it would send nothing back), as embedded."""
+    def _messages(
+        self, rnd: int, attempt: int, state: State | None = None, stream: tuple[int, ...] = ()
+    ) -> list[Message]:
+        """What each client of the attempt receives, from ``state`` (the global state unless
+        a round-driving method trains another). A client that ``faults`` crashes gets its
+        download counted and no message (it would send nothing back), as embedded. ``stream``:
+        the random stream a round-driving method trains the clients in."""
+        state = self.global_state if state is None else state
         plan = self.job.faults
         self.down_bytes, self.node_of, self.downloads, self.crashed = {}, {}, {}, set()
         messages = []
@@ -438,9 +468,11 @@ class FedpeftStrategy(Strategy):
         decided = self.method.client_settings()
         if decided:  # what the method decided on the server, for the clients' own copies
             settings["method"] = json.dumps(decided)
+        if stream:
+            settings["stream"] = json.dumps(list(stream))
         int8_down = self.config.quantize == "int8" and self.config.quantize_download
         for cid, node in targets:
-            down = self.method.download(rnd, cid, self.global_state)
+            down = self.method.download(rnd, cid, state)
             sent, extra = down, {}
             if int8_down:  # what the client rebuilds from int8 codes is what it trains from
                 sent = quantize.pack_int8(down)
@@ -497,16 +529,18 @@ class FedpeftStrategy(Strategy):
             log.info("node %s rejoined (node id %d): client %d", d["name"], d["node"], cid)
             self.owners[cid] = d["node"]
 
-    def _fit(self, reply: Message) -> ClientFit:
+    def _fit(self, reply: Message, state: State | None = None) -> ClientFit:
         """A client's reply as the embedded engine's ``ClientFit``: its checked update (None
-        when the upload is unusable, with the reason), bytes and simulated seconds."""
+        when the upload is unusable, with the reason), bytes and simulated seconds; ``state``:
+        what it was sent (the global state unless a round-driving method trains another)."""
         metrics = dict(reply.content["metrics"])
         cid = int(metrics["cid"])
         try:
             blob = payload.encode(to_state(reply.content["arrays"]))
         except Exception as err:  # noqa: BLE001 - whatever a node sent, the round goes on
             return self.client_fit(metrics, None, 0, f"arrays do not convert to tensors: {err}")
-        expected = skeleton.expected_upload(self.job, self.report.rnd, cid, self.global_state)
+        state = self.global_state if state is None else state
+        expected = skeleton.expected_upload(self.job, self.report.rnd, cid, state)
         if self.config.quantize == "int8" and cid in self.downloads:
             state, reason = self._int8_update(blob, cid, expected)
         else:
@@ -542,6 +576,17 @@ class FedpeftStrategy(Strategy):
 
     def _settle(self, attempt: int, replies: Iterable[Message]) -> list[ClientUpdate]:
         """An attempt's replies, checked client by client in sampled order (``settle``)."""
+        answers = self.answers(replies)
+        fits = {
+            cid: self._fit(answers[cid])
+            for cid in self.clients
+            if cid in answers and cid in self.node_of and cid not in self.crashed
+        }
+        return self.settle(attempt, fits)
+
+    def answers(self, replies: Iterable[Message]) -> dict[int, Message]:
+        """The replies that carry an answer, by client; in simulation each client's store
+        comes back with it and is kept (``fedpeft.engine.flower_store``)."""
         answers: dict[int, Message] = {}
         for reply in replies:
             if reply.has_error():
@@ -553,12 +598,7 @@ class FedpeftStrategy(Strategy):
                 kept = self.state.store.of(cid)  # the client's store as it ended its training
                 kept.clear()
                 kept.update(to_state(reply.content[STORE_RECORD]))
-        fits = {
-            cid: self._fit(answers[cid])
-            for cid in self.clients
-            if cid in answers and cid in self.node_of and cid not in self.crashed
-        }
-        return self.settle(attempt, fits)
+        return answers
 
     def settle(self, attempt: int, fits: dict[int, ClientFit]) -> list[ClientUpdate]:
         """An attempt's fits, client by client in sampled order (the embedded engine's, so
@@ -643,9 +683,12 @@ class FedpeftStrategy(Strategy):
         )
         self.suspects = {self.node_of[cid] for cid in self.failed if cid in self.node_of}
         report.extra["clients_failed"] = self.failed
-        # Where a client's wall time went (means over the answers): starting a process and
-        # loading the job (0 when the process had it already), handing the message to the
-        # node's worker and back (deployment), then training.
+        self.record_wall(report)
+
+    def record_wall(self, report: RoundReport) -> None:
+        """Where a client's wall time went (means over the answers): starting a process and
+        loading the job (0 when the process had it already), handing the message to the
+        node's worker and back (deployment), then training."""
         for key, values in self.client_wall.items():
             name = "client_" + key.replace("-s", "_s")
             report.extra[name] = sum(values) / len(values) if values else None
@@ -683,6 +726,70 @@ def flower_round(strategy: FedpeftStrategy, grid: Grid) -> None:
     )
 
 
+class FlowerRunner(ClientRunner):
+    """The ``ClientRunner`` a round-driving method (AutoFedNLP) gets on Flower: its clients'
+    fits go out as Flower messages, all of a sub-round's at once, spread over the nodes as any
+    round's; the server scores and plans (cost model) with its own copy of the job."""
+
+    def __init__(self, strategy: FedpeftStrategy, grid: Grid) -> None:
+        self.strategy, self.grid = strategy, grid
+        self.job = strategy.job
+        self.model = strategy.job.model
+        self.num_clients = strategy.config.num_clients
+        self.seed = strategy.config.seed
+
+    def fit(self, rnd: int, cid: int, state: State, stream: tuple[int, ...] = ()) -> ClientFit:
+        return self.fit_many(rnd, [cid], state, stream)[0]
+
+    def fit_many(
+        self, rnd: int, cids: list[int], state: State, stream: tuple[int, ...] = ()
+    ) -> list[ClientFit]:
+        strategy = self.strategy
+        strategy.clients = list(cids)
+        messages = strategy._messages(rnd, 0, state, stream)
+        started = time.perf_counter()
+        timeout = strategy.config.flower.round_timeout_s
+        replies = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
+        wall = time.perf_counter() - started
+        answers = strategy.answers(replies)
+        fits = []
+        for cid in cids:
+            if cid in answers:
+                fit = strategy._fit(answers[cid], state)
+            else:  # its node died or timed out: no update, its download counted
+                strategy.failed.append(cid)
+                down = strategy.down_bytes.get(cid, 0)
+                fit = ClientFit(None, 0, down, 0.0, 0.0, "no answer from its node")
+            fits.append(replace(fit, wall_s=wall / len(cids)))
+        return fits
+
+    def evaluate(self, state: State, split: str) -> Evaluation:
+        load_trainable_state(self.model, state)
+        return skeleton.evaluate_split(self.job, split)
+
+    def client_time_s(self, cid: int, state: State) -> float:
+        return skeleton.estimate_client_time_s(self.job, cid, state)
+
+    def report(self, kind: str, info: dict[str, Any]) -> None:
+        self.strategy.on_event(kind, info)
+
+
+def driver_round(strategy: FedpeftStrategy, grid: Grid) -> None:
+    """One round of a method that drives its rounds itself (``RoundDriver``: AutoFedNLP's trial
+    period), its clients' work carried by Flower; recorded, evaluated and checkpointed as any
+    round."""
+    rnd = strategy.first_round
+    strategy.begin_round(rnd, grid)
+    new_state, report = strategy.method.run_round(
+        rnd, strategy.global_state, FlowerRunner(strategy, grid)
+    )
+    strategy.state.global_state = new_state
+    report.extra["clients_failed"] = sorted(set(strategy.failed))
+    strategy.record_wall(report)
+    strategy.report = report
+    strategy.finish_round(1, ArrayRecord())
+
+
 RoundPlayer = Callable[[FedpeftStrategy, Grid], None]
 
 
@@ -707,6 +814,9 @@ def serve(
         job, nodes = admit_nodes(grid, job, run_dir, min_nodes)
     config = job.config
     state = skeleton.start_run(job, run_dir, on_event)
+    if isinstance(job.method, RoundDriver):  # its rounds, shaped as its state says
+        job.method.shape_model(job.model)
+        play_round = driver_round
     load_trainable_state(job.model, state.global_state)
     strategy = FedpeftStrategy(job, run_dir, state, min_nodes, on_event, nodes)
     skeleton.record_attackers(job, run_dir)

@@ -138,6 +138,10 @@ class AutoFedNLP(RoundDriver):
         self.depth = min(settings.start_depth, self.max_depth)
         self.width = settings.start_width
         self.tau = settings.tau  # None until derived from rounds_per_period
+        # (depth, width) of the candidate in training: the shape a client's own copy of the
+        # model takes (engines whose clients run in other processes, ``client_settings``)
+        self.trial_shape: tuple[int, int] | None = None
+        self.client_shape: tuple[int, int] | None = None
 
     # -- the configuration search ---------------------------------------------------------------
     def budget_s(self) -> float:
@@ -220,7 +224,7 @@ class AutoFedNLP(RoundDriver):
             )
             rng = np.random.default_rng([runner.seed, rnd, group, rounds])
             chosen = sorted(int(c) for c in rng.choice(pool, size=per_round, replace=False))
-            fits = [runner.fit(rnd, cid, state, stream=(group, rounds)) for cid in chosen]
+            fits = runner.fit_many(rnd, chosen, state, stream=(group, rounds))
             updates: list[ClientUpdate] = [fit.update for fit in fits if fit.update is not None]
             if updates:  # a round whose every upload was rejected leaves the state as it was
                 state = weighted_average(
@@ -259,7 +263,13 @@ class AutoFedNLP(RoundDriver):
         for group, candidate in enumerate(candidates):
             started = time.perf_counter()
             start = self.upgrade(model, global_state, candidate, seed=runner.seed * 1000 + rnd)
-            run = self._train_candidate(rnd, group, candidate, start, pools[group], runner, budget)
+            self.trial_shape = (candidate.depth, candidate.width)
+            try:
+                run = self._train_candidate(
+                    rnd, group, candidate, start, pools[group], runner, budget
+                )
+            finally:
+                self.trial_shape = None
             run["val_accuracy"] = runner.evaluate(run["state"], "validation").accuracy
             runs[candidate.name] = run
             runner.report(
@@ -314,6 +324,21 @@ class AutoFedNLP(RoundDriver):
     def shape_model(self, model: nn.Module) -> None:
         self._shape(model, self.depth, self.width)
 
+    # -- a client in its own process --------------------------------------------------------------
+    def client_settings(self) -> dict[str, Any]:
+        """The shape of the candidate a client trains (during a trial period)."""
+        return {} if self.trial_shape is None else {"shape": list(self.trial_shape)}
+
+    def load_client_settings(self, settings: dict[str, Any]) -> None:
+        shape = settings.get("shape")
+        self.client_shape = None if shape is None else (int(shape[0]), int(shape[1]))
+
+    def prepare_client(self, model: nn.Module, rnd: int, cid: int) -> None:
+        """A client's own model takes the shape of the candidate it trains (the embedded
+        engine's one model already has it: ``upgrade``)."""
+        if self.client_shape is not None:
+            self._shape(model, *self.client_shape)
+
     def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
         return weighted_average([u.state for u in updates], [u.num_samples for u in updates])
 
@@ -356,6 +381,5 @@ SPEC = MethodSpec(
         config.autofednlp, _start_settings(config), info.num_layers, config.clients_per_round
     ),
     check=_check,
-    engines=("embedded",),
     drives_rounds=True,
 )

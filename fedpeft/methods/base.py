@@ -223,6 +223,13 @@ class ClientRunner:
         """Send ``state`` to client ``cid``, train it locally, receive and check its upload."""
         raise NotImplementedError
 
+    def fit_many(
+        self, rnd: int, cids: list[int], state: State, stream: tuple[int, ...] = ()
+    ) -> list[ClientFit]:
+        """``fit`` for several clients from the same ``state``, in ``cids`` order (an engine
+        whose clients train at the same time sends them all at once)."""
+        return [self.fit(rnd, cid, state, stream) for cid in cids]
+
     def evaluate(self, state: State, split: str) -> Evaluation:
         """Score ``state`` (loaded into the resident model as shaped now) on 'validation'/'test'."""
         raise NotImplementedError

@@ -98,6 +98,48 @@ def test_seed_systems_on_flower_match_embedded(tmp_path, toy_data, system):
     )
 
 
+def test_autofednlp_on_flower_matches_embedded(tmp_path, toy_data):
+    """AutoFedNLP's trial periods on Flower simulation: each candidate's sub-rounds go out as
+    messages (clients reshape their own model to the candidate), and the run ends on the
+    embedded engine's weights, bytes, simulated time, trial rounds and winners."""
+    base = tiny_config(
+        toy_data,
+        method="autofednlp",
+        num_clients=6,
+        clients_per_round=2,
+        rounds=2,
+        validation_size=40,
+        autofednlp={"tau": 0.006, "start_depth": 1},
+        cost={"devices": ["jetson_tx2"], "networks": ["reference_1mbps"]},
+    )
+    runs = {}
+    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
+        config = build_config({**base, "engine": engine})
+        run = RunDir.create(tmp_path / engine, dump_config(config))
+        runs[engine] = cls(build_job(config), run).run()
+    embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
+    flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    assert embedded.keys() == flower.keys()
+    for name in embedded:
+        assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
+    rows_e, rows_f = metrics(tmp_path / "embedded"), metrics(tmp_path / "flower")
+    for key in ("bytes_up", "bytes_down", "clients", "depth", "width"):
+        assert [r[key] for r in rows_f] == [r[key] for r in rows_e], key
+    assert [r["sim_time_s"] for r in rows_f] == pytest.approx([r["sim_time_s"] for r in rows_e])
+    assert [r["accuracy"] for r in rows_f] == pytest.approx([r["accuracy"] for r in rows_e])
+    trials = {
+        engine: [
+            [(c["name"], c["rounds"]) for c in row["trial"]["candidates"]]
+            + [row["trial"]["winner"]]
+            for row in rows
+        ]
+        for engine, rows in (("embedded", rows_e), ("flower", rows_f))
+    }
+    assert trials["flower"] == trials["embedded"]
+    assert any(rounds > 1 for _name, rounds in trials["flower"][0][:-1])
+    assert [r["clients_failed"] for r in rows_f] == [[], []]
+
+
 ROUND_RULES = {
     # central DP under faults: round 1 is retried (client 3 crashes, straggler 2 misses the
     # 0.1 s deadline: 1 usable update < min_clients 2), round 2 loses a crashed client, and
@@ -208,10 +250,12 @@ def test_config_accepts_flower_and_validates_its_section(toy_data):
         build_config(tiny_config(toy_data), ["flower.port=1"])
     # refused when the config is validated, before any run folder exists
     assert build_config(tiny_config(toy_data, engine="flower", quantize="int8")).quantize == "int8"
-    with pytest.raises(ConfigError, match="engine: flower does not run method autofednlp"):
-        build_config(
-            tiny_config(toy_data, engine="flower", method="autofednlp", num_clients=6),
-        )
+    auto = tiny_config(toy_data, engine="flower", method="autofednlp", num_clients=6)
+    check_supported(build_config(auto))  # AutoFedNLP runs in simulation
+    with pytest.raises(ConfigError, match="a deployment does not run autofednlp yet"):
+        check_supported(build_config(auto), simulation=False)
+    with pytest.raises(ConfigError, match="activation_cache.enabled: in Flower simulation"):
+        check_supported(build_config({**auto, "activation_cache": {"enabled": True}}))
     check_supported(build_config(tiny_config(toy_data, engine="flower")))  # runs: no error
 
 
@@ -336,9 +380,20 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=0.5"], "whole"),
         (
-            ["run", str(config), "--set", "engine=flower", "--set", "method=autofednlp"]
-            + ["--set", "num_clients=6"],
-            "engine: flower",
+            [
+                "run",
+                str(config),
+                "--set",
+                "engine=flower",
+                "--set",
+                "activation_cache.enabled=true",
+            ],
+            "activation_cache",
+        ),
+        (
+            ["flower", "local", str(config), "--set", "method=autofednlp", "--set"]
+            + ["num_clients=6", "--nodes", "6", "--set", "flower.min_nodes=6"],
+            "a deployment does not run autofednlp",
         ),
     ]
     for i, (argv, words) in enumerate(cases):
