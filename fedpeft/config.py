@@ -509,6 +509,11 @@ class _RunConfigBase(_Strict):
                 f"{prefix}: central dp clips each client's update on the server, which SecAgg+ "
                 "hides from it; unset dp"
             )
+        if registry.get(self.method).drives_rounds:
+            raise ValueError(
+                f"{prefix}: method {self.method} runs its own rounds (trial groups scored "
+                "apart), which SecAgg+'s one masked sum per round does not carry"
+            )
         if self.clients_per_round < 2:
             raise ValueError(f"{prefix}: SecAgg+ needs at least 2 clients per round")
         if self.clients_per_round * secagg.quantization_range >= SECAGG_MODULUS:

@@ -68,6 +68,7 @@ from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
 from fedpeft.engine.flower_client import (  # noqa: E402, F401
     CONFIG_KEY,
+    ESTIMATE_KEY,
     SIMULATION_KEY,
     STORE_RECORD,
 )
@@ -133,12 +134,6 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
                     f"{name}: a deployment does not run it yet; run it in simulation "
                     "(engine: flower) or on the embedded engine"
                 )
-        if registry.get(config.method).drives_rounds:
-            raise ConfigError(
-                f"method: a deployment does not run {config.method} yet (its trial budgets are "
-                "planned from every client's rows, which only the nodes hold); run it in "
-                "simulation (engine: flower) or on the embedded engine"
-            )
         if config.privacy.membership_inference:  # its members are rows only the nodes hold
             raise ConfigError(
                 "privacy.membership_inference: a deployment's server holds no client's training "
@@ -280,6 +275,23 @@ def train_arrays(
     )
     out = {name: tensor.detach().contiguous().numpy() for name, tensor in sent.items()}
     return out, metrics, kept
+
+
+def estimate_arrays(
+    config_yaml: str, settings: dict[str, Any], arrays: Arrays, data_path: str
+) -> dict[str, Any]:
+    """A node's cost-model bound on its client's simulated seconds for one round from the
+    tensors received (``skeleton.estimate_client_time_s`` on its own rows and profile): how a
+    deployed round-driving method (AutoFedNLP) plans its budgets without the clients' rows."""
+    cid = int(settings["cid"])
+    names = tuple(json.loads(str(settings["labels"])))
+    node = (data_path, cid, int(settings["num-clients"]), names)
+    job, _start, _load = client_job(config_yaml, node)
+    if "method" in settings:
+        job.method.load_client_settings(json.loads(str(settings["method"])))
+    job.method.prepare_client(job.model, 0, cid)
+    seconds = skeleton.estimate_client_time_s(job, cid, arrays_to_state(arrays))
+    return {"cid": cid, "seconds": seconds}
 
 
 def train_on_message(msg: Message, config_yaml: str, data_path: str | None = None) -> Message:
@@ -768,7 +780,46 @@ class FlowerRunner(ClientRunner):
         return skeleton.evaluate_split(self.job, split)
 
     def client_time_s(self, cid: int, state: State) -> float:
-        return skeleton.estimate_client_time_s(self.job, cid, state)
+        return self.client_times_s([cid], state)[0]
+
+    def client_times_s(self, cids: list[int], state: State) -> list[float]:
+        """The cost model's bounds for clients ``cids``; in a deployment each node computes
+        its own on its own rows (the server holds none), all asked at once."""
+        strategy = self.strategy
+        if strategy.owners is None:
+            return [skeleton.estimate_client_time_s(self.job, cid, state) for cid in cids]
+        settings: dict[str, Any] = {
+            ESTIMATE_KEY: 1,
+            "num-clients": strategy.config.num_clients,
+            "labels": json.dumps(self.job.label_names),
+        }
+        decided = strategy.method.client_settings()
+        if decided:
+            settings["method"] = json.dumps(decided)
+        timeout = strategy.config.flower.round_timeout_s
+        questions = [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord.from_torch_state_dict(state),
+                        "config": ConfigRecord({**settings, "cid": cid}),
+                    }
+                ),
+                strategy.owners[cid],
+                MessageType.QUERY,
+                ttl=timeout,
+            )
+            for cid in cids
+        ]
+        seconds: dict[int, float] = {}
+        for reply in self.grid.send_and_receive(questions, timeout=timeout):
+            if not reply.has_error() and ESTIMATE_KEY in reply.content.config_records:
+                answer = reply.content[ESTIMATE_KEY]
+                seconds[int(answer["cid"])] = float(answer["seconds"])
+        missing = [cid for cid in cids if cid not in seconds]
+        if missing:
+            raise RuntimeError(f"the nodes of clients {missing} did not estimate a round's time")
+        return [seconds[cid] for cid in cids]
 
     def report(self, kind: str, info: dict[str, Any]) -> None:
         self.strategy.on_event(kind, info)

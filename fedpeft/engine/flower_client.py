@@ -42,6 +42,7 @@ CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML
 SIMULATION_KEY = "fedpeft-simulation"  # run-config key: the run is simulated (FlowerEngine)
 DATA_PATH = "data-path"  # node-config key: the node's own rows
 STORE_RECORD = "store"  # simulation: the client's persistent tensors, to it and back
+ESTIMATE_KEY = "estimate"  # a query's config key: estimate one round's simulated seconds
 # A SecAgg+ round's FitIns config and FitRes metrics (``fedpeft.engine.flower_secagg``)
 SECAGG_NAMES = "secagg-names"  # the tensors' names, in the order of the FitIns' arrays
 SECAGG_CLIPPING = "secagg-clipping-range"  # SecAgg+ clips update entries to +-this
@@ -133,6 +134,23 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     return call_next(msg, context)
 
 
+def estimate(msg: Message, config: str, data_path: str) -> Message:
+    """The node's bound on one round's simulated seconds from the tensors in ``msg``
+    (``fedpeft.engine.flower.estimate_arrays``), on its worker unless it is turned off."""
+    settings = dict(msg.content["config"])
+    arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    request = {"config": config, "settings": settings, "arrays": arrays, "data_path": data_path}
+    if use_worker():
+        from fedpeft.engine.flower_worker import NodeWorker
+
+        answer = NodeWorker(config, data_path).call("estimate", request)
+    else:
+        from fedpeft.engine.flower import estimate_arrays
+
+        answer = estimate_arrays(config, settings, arrays, data_path)
+    return Message(RecordDict({ESTIMATE_KEY: ConfigRecord(answer)}), reply_to=msg)
+
+
 def make_client_app() -> ClientApp:
     app = ClientApp(mods=[secure_aggregation])
 
@@ -155,6 +173,8 @@ def make_client_app() -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         config = str(context.run_config[CONFIG_KEY])
         path = context.node_config.get(DATA_PATH)
+        if ESTIMATE_KEY in msg.content["config"]:  # a round-driving method plans its budget
+            return estimate(msg, config, str(path or ""))
         node_config = {k: str(v) for k, v in context.node_config.items()}
         labels = str(msg.content["config"]["labels"])
         if use_worker():

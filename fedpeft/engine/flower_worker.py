@@ -148,6 +148,10 @@ def handle(kind: str, request: dict[str, Any]) -> Any:
         )
         metrics["worker-s"] = time.perf_counter() - started
         return sent, metrics
+    if kind == "estimate":
+        return flower.estimate_arrays(
+            request["config"], request["settings"], request["arrays"], request["data_path"]
+        )
     if kind == "describe":
         return flower.describe_node(request["node_config"], json.loads(request["labels"]))
     raise ValueError(f"unknown request {kind!r}")

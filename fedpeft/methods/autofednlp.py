@@ -155,7 +155,11 @@ class AutoFedNLP(RoundDriver):
         costliest = 0.0
         for candidate in self.candidates():
             start = self.upgrade(runner.model, global_state, candidate, seed=runner.seed * 1000)
-            worst = max(runner.client_time_s(cid, start) for cid in range(runner.num_clients))
+            self.trial_shape = (candidate.depth, candidate.width)  # the shape clients take
+            try:
+                worst = max(runner.client_times_s(list(range(runner.num_clients)), start))
+            finally:
+                self.trial_shape = None
             costliest = max(costliest, worst)
         self.shape_model(runner.model)
         return self.settings.rounds_per_period * costliest / (4 * self.depth + 1)

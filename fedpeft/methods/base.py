@@ -239,6 +239,11 @@ class ClientRunner:
         ``state`` (model as shaped now; nothing trains): for budgets planned in simulated time."""
         raise NotImplementedError
 
+    def client_times_s(self, cids: list[int], state: State) -> list[float]:
+        """``client_time_s`` for several clients (an engine whose clients compute it asks them
+        all at once)."""
+        return [self.client_time_s(cid, state) for cid in cids]
+
     def report(self, kind: str, info: dict[str, Any]) -> None:
         """Progress of the round so far, for the screen (e.g. ``"trial"``); ignored by default."""
 

@@ -252,8 +252,10 @@ def test_config_accepts_flower_and_validates_its_section(toy_data):
     assert build_config(tiny_config(toy_data, engine="flower", quantize="int8")).quantize == "int8"
     auto = tiny_config(toy_data, engine="flower", method="autofednlp", num_clients=6)
     check_supported(build_config(auto))  # AutoFedNLP runs in simulation
-    with pytest.raises(ConfigError, match="a deployment does not run autofednlp yet"):
-        check_supported(build_config(auto), simulation=False)
+    check_supported(build_config(auto), simulation=False)  # and deployed
+    with pytest.raises(ConfigError, match="runs its own rounds"):
+        secagg = {"insecure": True, "secagg": {"enabled": True}}
+        build_config({**auto, "clients_per_round": 2, "flower": secagg})
     with pytest.raises(ConfigError, match="activation_cache.enabled: in Flower simulation"):
         check_supported(build_config({**auto, "activation_cache": {"enabled": True}}))
     check_supported(build_config(tiny_config(toy_data, engine="flower")))  # runs: no error
@@ -392,8 +394,8 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
         ),
         (
             ["flower", "local", str(config), "--set", "method=autofednlp", "--set"]
-            + ["num_clients=6", "--nodes", "6", "--set", "flower.min_nodes=6"],
-            "a deployment does not run autofednlp",
+            + ["num_clients=6", "--nodes", "6", "--set", "flower.secagg.enabled=true"],
+            "runs its own rounds",
         ),
     ]
     for i, (argv, words) in enumerate(cases):

@@ -93,6 +93,38 @@ def test_fibecfed_deployed_keeps_each_clients_state_on_its_node(tmp_path, toy_da
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
 
 
+def test_autofednlp_deployed_plans_on_the_nodes_and_trains_disjoint_trial_groups(
+    tmp_path, toy_data
+):
+    """AutoFedNLP on three SuperNodes, one trial group each: the nodes estimate their round
+    times on their own rows for the budget (the server holds none), each candidate's
+    sub-rounds go to its own node, and the period's winner is recorded as embedded does."""
+    raw = deploy_config(toy_data, min_nodes=3)
+    raw.update(
+        method="autofednlp",
+        num_clients=3,
+        clients_per_round=1,
+        rounds=1,
+        validation_size=40,
+        autofednlp={"rounds_per_period": 2, "start_depth": 1},
+        cost={"devices": ["jetson_tx2"], "networks": ["reference_1mbps"]},
+    )
+    app, data = deployed(tmp_path, raw)
+    with LocalFederation(tmp_path / "fed", num_nodes=3, node_data=data) as federation:
+        federation.run(app, timeout=600)
+    (row,) = metrics(tmp_path / "run")
+    trial = row["trial"]
+    assert trial["tau_s"] > 0 and trial["winner"] in [c["name"] for c in trial["candidates"]]
+    groups = [set(c["clients"]) for c in trial["candidates"]]
+    assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == len(groups)
+    assert all(c["rounds"] >= 2 for c in trial["candidates"])  # R = 2 at the start shape
+    assert row["clients_failed"] == [] and (row["depth"], row["width"]) == (
+        next(c for c in trial["candidates"] if c["name"] == trial["winner"])["depth"],
+        next(c for c in trial["candidates"] if c["name"] == trial["winner"])["width"],
+    )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
+
+
 def test_tls_and_node_auth_refuse_an_unregistered_node(tmp_path, toy_data):
     creds = make_credentials(tmp_path / "creds", num_nodes=2)
     app, data = deployed(tmp_path, deploy_config(toy_data, insecure=False))
