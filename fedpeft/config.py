@@ -509,6 +509,16 @@ class _RunConfigBase(_Strict):
                 f"{prefix}: central dp clips each client's update on the server, which SecAgg+ "
                 "hides from it; unset dp"
             )
+        for name, on in (
+            ("attack", self.attack.type != "none"),
+            ("faults", self.faults.enabled()),
+            ("dp", self.dp.enabled()),
+        ):
+            if on:
+                raise ValueError(
+                    f"{prefix}: {name} is not run under SecAgg+ yet (a deployment runs it "
+                    "without secure aggregation); unset one of them"
+                )
         if registry.get(self.method).drives_rounds:
             raise ValueError(
                 f"{prefix}: method {self.method} runs its own rounds (trial groups scored "

@@ -122,18 +122,6 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
                 "personalized_eval: a deployment's server holds no client's test rows; "
                 "set personalized_eval: false (or run it in simulation, engine: flower)"
             )
-        # A node owns its training and its upload: the server cannot make it attack, crash
-        # or noise (its job here holds none of these plans); Flower simulation runs them.
-        for name, on in (
-            ("attack", config.attack.type != "none"),
-            ("faults", config.faults.enabled()),
-            ("dp", config.dp.enabled()),
-        ):
-            if on:
-                raise ConfigError(
-                    f"{name}: a deployment does not run it yet; run it in simulation "
-                    "(engine: flower) or on the embedded engine"
-                )
         if config.privacy.membership_inference:  # its members are rows only the nodes hold
             raise ConfigError(
                 "privacy.membership_inference: a deployment's server holds no client's training "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpeft import cost, peft, registry
+from fedpeft import attacks, cost, peft, registry
 from fedpeft.config import RunConfig
 from fedpeft.data import sources
 from fedpeft.data.partition import Partition
@@ -33,6 +33,8 @@ from fedpeft.data.tokenize import tokenize
 from fedpeft.engine.flower_client import DATA_PATH  # noqa: F401 - node-config key, re-exported
 from fedpeft.job import (
     Job,
+    build_dp,
+    build_faults,
     build_method,
     build_model,
     client_contexts,
@@ -157,6 +159,7 @@ def node_job(config: RunConfig, rows: TextDataset, cid: int, num_clients: int) -
     train = [np.arange(len(rows)) if k == cid else empty for k in range(num_clients)]
     partition = Partition(train, [empty] * num_clients, "node")
     job = _job(config, rows.label_names, {"train": rows}, partition)
+    plans(job)  # a simulated attacker or local DP: the node applies it to its own upload
     labels = job.train.labels.numpy()
     job.clients = client_contexts(partition, labels, labels[:0], len(rows.label_names))
     job.method.setup(job.clients, len(rows.label_names))
@@ -194,7 +197,20 @@ def admit_nodes(job: Job, described: list[dict]) -> Job:
         config.cost.network_weights,
     )
     job.method.setup(job.clients, num_labels)
+    plans(job)
     return job
+
+
+def plans(job: Job) -> None:
+    """The run's simulated attackers, faults and DP for its clients, drawn from the seed as
+    the embedded engine draws them (once the number of clients is known). The server decides
+    crashes, stragglers and the deadline, and clips and noises under central DP; a node that
+    the plan makes an attacker poisons its own upload, and under local DP randomises it."""
+    config = job.config
+    a = config.attack
+    job.attack = attacks.plan_attack(a.type, a.fraction, config.num_clients, config.seed, a.scale)
+    job.faults = build_faults(config)
+    job.dp = build_dp(config)
 
 
 def nodes_summary(job: Job, described: list[dict]) -> dict:

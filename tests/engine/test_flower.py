@@ -371,13 +371,6 @@ def test_a_config_flower_cannot_run_is_refused_before_any_run_folder(tmp_path, t
             "membership_inference",
         ),
         (["flower", "local", str(config), "--nodes", "3"], "num_clients"),
-        (["flower", "local", str(config), "--set", "dp.noise_multiplier=1"], "dp: a deployment"),
-        (["flower", "local", str(config), "--set", "faults.deadline_s=5"], "faults: a deploy"),
-        (
-            ["flower", "prepare", str(config), "--set", "attack.type=sign_flip", "--set"]
-            + ["attack.fraction=0.5"],
-            "attack: a deployment",
-        ),
         (["flower", "prepare", str(config), "--set", "flower.superlink=nowhere"], "host:port"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=4096"], "cores"),
         (["run", str(config), "--set", "engine=flower", "--set", "flower.num_cpus=0.5"], "whole"),

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
+from safetensors.torch import load_file
 
-from fedpeft.config import build_config
+from fedpeft.config import build_config, dump_config
 from fedpeft.engine.flower_data import split_for_nodes
 from fedpeft.engine.flower_deploy import (
     LocalFederation,
@@ -22,6 +24,9 @@ from fedpeft.engine.flower_deploy import (
     make_node_key,
     write_app,
 )
+from fedpeft.engine.local import EmbeddedEngine
+from fedpeft.job import build_job
+from fedpeft.runs import RunDir
 from tests.conftest import tiny_config
 
 
@@ -123,6 +128,38 @@ def test_autofednlp_deployed_plans_on_the_nodes_and_trains_disjoint_trial_groups
         next(c for c in trial["candidates"] if c["name"] == trial["winner"])["width"],
     )
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
+
+
+def test_faults_dp_and_attackers_deployed_as_on_the_embedded_engine(tmp_path, toy_data):
+    """Three SuperNodes under simulated crashes, central DP and a sign-flipping attacker node:
+    the server draws the crashes and clips and noises, the attacker node poisons its own
+    upload, and the run ends on the embedded engine's weights, dropped clients, attackers and
+    epsilon for the same partition."""
+    raw = deploy_config(toy_data, min_nodes=3)
+    raw.update(
+        num_clients=3,
+        clients_per_round=3,
+        rounds=2,
+        faults={"crash_prob": 0.3, "min_clients": 1},
+        dp={"noise_multiplier": 0.5, "clip_norm": 0.05},
+        attack={"type": "sign_flip", "fraction": 0.34},
+    )
+    app, data = deployed(tmp_path, raw)
+    with LocalFederation(tmp_path / "fed", num_nodes=3, node_data=data) as federation:
+        federation.run(app, timeout=600)
+    config = build_config({**raw, "engine": "embedded"})
+    run = RunDir.create(tmp_path / "embedded", dump_config(config))
+    EmbeddedEngine(build_job(config), run).run()
+    deployed_rows, embedded_rows = metrics(tmp_path / "run"), metrics(tmp_path / "embedded")
+    for key in ("clients", "clients_dropped", "attackers_in_round", "epsilon", "bytes_up"):
+        assert [r[key] for r in deployed_rows] == [r[key] for r in embedded_rows], key
+    assert any(r["clients_dropped"] for r in deployed_rows)  # a crash happened
+    assert deployed_rows[0]["attackers_in_round"]  # and the attacker took part
+    got = load_file(str(tmp_path / "run" / "weights.safetensors"))
+    want = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-5), name
+    assert (tmp_path / "run" / "attackers.json").is_file()
 
 
 def test_tls_and_node_auth_refuse_an_unregistered_node(tmp_path, toy_data):
