@@ -31,12 +31,9 @@ def metrics(folder: Path) -> list[dict]:
     [{}, {"quantize": "int8", "quantize_download": True}],
     ids=["float", "int8"],
 )
-def test_simulation_matches_embedded_engine(tmp_path, toy_data, quantized):
-    """Same seed and config: the same global weights, bytes and scores from both engines, with
-    float messages and with int8 uploads and downloads (``fedpeft.quantize``)."""
-    base = tiny_config(
-        toy_data, method="lora", algorithm="fedavg", num_clients=4, rounds=2, **quantized
-    )
+def on_both_engines(tmp_path: Path, base: dict) -> tuple[dict, dict, dict]:
+    """The config run on the embedded engine and on Flower simulation: both summaries by
+    engine, then each run's final weights."""
     runs = {}
     for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
         config = build_config({**base, "engine": engine})
@@ -44,6 +41,16 @@ def test_simulation_matches_embedded_engine(tmp_path, toy_data, quantized):
         runs[engine] = cls(build_job(config), run).run()
     embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
     flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    return runs, embedded, flower
+
+
+def test_simulation_matches_embedded_engine(tmp_path, toy_data, quantized):
+    """Same seed and config: the same global weights, bytes and scores from both engines, with
+    float messages and with int8 uploads and downloads (``fedpeft.quantize``)."""
+    base = tiny_config(
+        toy_data, method="lora", algorithm="fedavg", num_clients=4, rounds=2, **quantized
+    )
+    runs, embedded, flower = on_both_engines(tmp_path, base)
     assert embedded.keys() == flower.keys()
     for name in embedded:
         assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
@@ -81,13 +88,7 @@ def test_seed_systems_on_flower_match_embedded(tmp_path, toy_data, system):
     personalised scores."""
     base = tiny_config(toy_data, num_clients=4, rounds=2, personalized_eval=True)
     base.update(SEED_SYSTEMS[system])
-    runs = {}
-    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
-        config = build_config({**base, "engine": engine})
-        run = RunDir.create(tmp_path / engine, dump_config(config))
-        runs[engine] = cls(build_job(config), run).run()
-    embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
-    flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    runs, embedded, flower = on_both_engines(tmp_path, base)
     assert embedded.keys() == flower.keys()
     for name in embedded:
         assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
@@ -112,13 +113,7 @@ def test_autofednlp_on_flower_matches_embedded(tmp_path, toy_data):
         autofednlp={"tau": 0.006, "start_depth": 1},
         cost={"devices": ["jetson_tx2"], "networks": ["reference_1mbps"]},
     )
-    runs = {}
-    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
-        config = build_config({**base, "engine": engine})
-        run = RunDir.create(tmp_path / engine, dump_config(config))
-        runs[engine] = cls(build_job(config), run).run()
-    embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
-    flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    runs, embedded, flower = on_both_engines(tmp_path, base)
     assert embedded.keys() == flower.keys()
     for name in embedded:
         assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
@@ -172,13 +167,7 @@ def test_simulation_matches_embedded_engine_under_dp_faults_attacks(tmp_path, to
     """DP (central and local), faults, attackers and early stopping run on Flower as embedded:
     the same weights, bytes, epsilon, dropped clients and retries, attackers and stop."""
     base = tiny_config(toy_data, method="lora", algorithm="fedavg", **ROUND_RULES[rules])
-    runs = {}
-    for engine, cls in (("embedded", EmbeddedEngine), ("flower", FlowerEngine)):
-        config = build_config({**base, "engine": engine})
-        run = RunDir.create(tmp_path / engine, dump_config(config))
-        runs[engine] = cls(build_job(config), run).run()
-    embedded = load_file(str(tmp_path / "embedded" / "weights.safetensors"))
-    flower = load_file(str(tmp_path / "flower" / "weights.safetensors"))
+    runs, embedded, flower = on_both_engines(tmp_path, base)
     for name in embedded:
         assert torch.allclose(embedded[name], flower[name], atol=1e-6), name
     rows_e, rows_f = metrics(tmp_path / "embedded"), metrics(tmp_path / "flower")
