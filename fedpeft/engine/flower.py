@@ -529,9 +529,9 @@ class FedpeftStrategy(Strategy):
             log.info("node %s rejoined (node id %d): client %d", d["name"], d["node"], cid)
             self.owners[cid] = d["node"]
 
-    def _fit(self, reply: Message, state: State | None = None) -> ClientFit:
+    def _fit(self, reply: Message, sent: State | None = None) -> ClientFit:
         """A client's reply as the embedded engine's ``ClientFit``: its checked update (None
-        when the upload is unusable, with the reason), bytes and simulated seconds; ``state``:
+        when the upload is unusable, with the reason), bytes and simulated seconds; ``sent``:
         what it was sent (the global state unless a round-driving method trains another)."""
         metrics = dict(reply.content["metrics"])
         cid = int(metrics["cid"])
@@ -539,8 +539,8 @@ class FedpeftStrategy(Strategy):
             blob = payload.encode(to_state(reply.content["arrays"]))
         except Exception as err:  # noqa: BLE001 - whatever a node sent, the round goes on
             return self.client_fit(metrics, None, 0, f"arrays do not convert to tensors: {err}")
-        state = self.global_state if state is None else state
-        expected = skeleton.expected_upload(self.job, self.report.rnd, cid, state)
+        base = self.global_state if sent is None else sent
+        expected = skeleton.expected_upload(self.job, self.report.rnd, cid, base)
         if self.config.quantize == "int8" and cid in self.downloads:
             state, reason = self._int8_update(blob, cid, expected)
         else:
