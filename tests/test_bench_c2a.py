@@ -44,7 +44,7 @@ def test_grid_declares_the_issue_and_seeds():
         assert seeds == ([0, 1, 2] if three else [0])
     language = [c for c in cells if c.phase == "language"]
     assert {c.method for c in language} == set(study.VARIANTS)
-    assert len(label) == 48 and len(language) == 8
+    assert len(label) == 52 and len(language) == 9
     for baseline in ("fedprox_adapter", "local_adapter", "adapter_finetune"):
         assert {c.lr_group for c in cells if c.method == baseline} == {"adapter"}
 
