@@ -26,11 +26,6 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "quantized",
-    [{}, {"quantize": "int8", "quantize_download": True}],
-    ids=["float", "int8"],
-)
 def on_both_engines(tmp_path: Path, base: dict) -> tuple[dict, dict, dict]:
     """The config run on the embedded engine and on Flower simulation: both summaries by
     engine, then each run's final weights."""
@@ -44,6 +39,11 @@ def on_both_engines(tmp_path: Path, base: dict) -> tuple[dict, dict, dict]:
     return runs, embedded, flower
 
 
+@pytest.mark.parametrize(
+    "quantized",
+    [{}, {"quantize": "int8", "quantize_download": True}],
+    ids=["float", "int8"],
+)
 def test_simulation_matches_embedded_engine(tmp_path, toy_data, quantized):
     """Same seed and config: the same global weights, bytes and scores from both engines, with
     float messages and with int8 uploads and downloads (``fedpeft.quantize``)."""
