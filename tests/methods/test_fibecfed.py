@@ -518,10 +518,14 @@ def test_every_part_off_is_lora_fedavg(tmp_path, toy_data):
     assert fib_rows == _rows(lora_run)
 
 
-def test_flower_is_refused_in_one_line(toy_data):
-    with pytest.raises(ValueError) as err:
-        build_config(_config(toy_data, engine="flower"))
-    assert "fibecfed" in str(err.value) and "\n" not in str(err.value).strip()
+def test_flower_takes_it(toy_data):
+    """FibecFed runs on Flower (its parity with the embedded engine: tests/engine)."""
+    from fedpeft.engine.flower import check_supported
+
+    config = build_config(_config(toy_data, engine="flower"))
+    check_supported(config)  # simulation: personalised scores too
+    check_supported(config.model_copy(update={"personalized_eval": False}), simulation=False)
+    assert config.engine == "flower" and config.method == "fibecfed"
 
 
 # -- the study's quick mode ----------------------------------------------------------------------
