@@ -735,7 +735,25 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--host", action="append", help="SuperLink host name or IP (repeatable)")
     certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs")
     certs.set_defaults(func=cmd_flower_certs)
+    executor = flower_sub.add_parser(
+        "executor",
+        help="run a SuperNode's ClientApps in one long-lived process (beside "
+        "`flower-supernode --isolation process`)",
+    )
+    executor.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
+    executor.add_argument("--superexec-auth-secret-file", help="the secret the SuperNode was given")
+    executor.add_argument(
+        "--parent-pid", type=int, help="end when this process (the SuperNode) does"
+    )
+    executor.set_defaults(func=cmd_flower_executor)
     return parser
+
+
+def cmd_flower_executor(args: argparse.Namespace) -> int:
+    """``fedpeft flower executor``: ``fedpeft.engine.flower_executor``."""
+    from fedpeft.engine.flower_executor import execute
+
+    return execute(args)
 
 
 def _stop_on_terminate(_signum, _frame) -> None:

@@ -38,6 +38,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from fedpeft.engine import flower_executor
+
 CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML
 SIMULATION_KEY = "fedpeft-simulation"  # run-config key: the run is simulated (FlowerEngine)
 DATA_PATH = "data-path"  # node-config key: the node's own rows
@@ -80,9 +82,14 @@ def node_train(
         return train_arrays(config, settings, arrays, data_path, carried)
     from fedpeft.engine.flower_worker import NodeWorker, process_age_s
 
-    started = process_age_s()  # interpreter, Flower's imports, the app's installation
+    # seconds before this call: in fedpeft's executor, from taking the task (the message's pull,
+    # the app's installation the first time); in Flower's own ClientApp process, from its start
+    # (interpreter, Flower's imports, the app's installation)
+    started = flower_executor.task_age_s()
+    if started is None:
+        started = process_age_s()
     request = {"config": config, "settings": settings, "arrays": arrays, "data_path": data_path}
-    worker = NodeWorker(config, data_path or "")
+    worker = NodeWorker(config, data_path or "", flower_executor.node_pid)
     before = time.perf_counter()
     sent, metrics = worker.call("train", request)
     metrics["start-s"] = started
@@ -143,7 +150,7 @@ def estimate(msg: Message, config: str, data_path: str) -> Message:
     if use_worker():
         from fedpeft.engine.flower_worker import NodeWorker
 
-        answer = NodeWorker(config, data_path).call("estimate", request)
+        answer = NodeWorker(config, data_path, flower_executor.node_pid).call("estimate", request)
     else:
         from fedpeft.engine.flower import estimate_arrays
 
@@ -181,7 +188,8 @@ def make_client_app() -> ClientApp:
             from fedpeft.engine.flower_worker import NodeWorker
 
             request = {"node_config": node_config, "labels": labels}
-            answer = NodeWorker(config, str(path) if path else "").call("describe", request)
+            path = str(path) if path else ""
+            answer = NodeWorker(config, path, flower_executor.node_pid).call("describe", request)
         else:
             import json
 

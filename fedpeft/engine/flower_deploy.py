@@ -247,10 +247,15 @@ def supernode_argv(
     key: Path | None,
     data: str | Path | None = None,
     name: str | None = None,
+    secret: Path | None = None,
 ) -> list[str]:
-    """A SuperNode; ``runtime_port`` is its local port for its ClientApp processes; ``data`` its
-    own training rows and ``name`` how the run names it (``fedpeft.engine.flower_data``)."""
+    """A SuperNode; ``runtime_port`` is its local port for its ClientApps; ``data`` its own
+    training rows and ``name`` how the run names it (``fedpeft.engine.flower_data``). With
+    ``secret`` (a file) its ClientApps run in fedpeft's executor (``executor_argv``, given the
+    same file), else in a Flower process per message."""
     argv = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port)]
+    if secret is not None:
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     argv += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
     if key is not None:
         argv += ["--auth-supernode-private-key", str(key)]
@@ -258,6 +263,39 @@ def supernode_argv(
         pairs = [f'{DATA_PATH}="{data}"'] + ([f'{NAME}="{name}"'] if name else [])
         argv += ["--node-config", " ".join(pairs)]
     return argv
+
+
+def executor_argv(runtime_port: int, secret: Path, supernode_pid: int | str) -> list[str]:
+    """fedpeft's ClientApp executor for the SuperNode on ``runtime_port`` (on the same host,
+    ``fedpeft.engine.flower_executor``); it ends when the SuperNode's process does."""
+    if isinstance(supernode_pid, int):  # a local federation: this interpreter
+        command = [sys.executable, "-m", "fedpeft.engine.flower_executor"]
+    else:
+        command = ["fedpeft", "flower", "executor"]
+    return [
+        *command,
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--superexec-auth-secret-file",
+        str(secret),
+        "--parent-pid",
+        str(supernode_pid),
+    ]
+
+
+def use_executor() -> bool:
+    """Whether local SuperNodes run their ClientApps in fedpeft's executor: yes unless
+    ``FEDPEFT_NODE_EXECUTOR=0`` (Flower's process per message: the benchmark's baseline)."""
+    return os.environ.get("FEDPEFT_NODE_EXECUTOR", "1") != "0"
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh random secret for a SuperNode and its executor, readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(os.urandom(32))
+    return path
 
 
 def deployment_commands(app_dir: Path, config: RunConfig, creds: Credentials | None) -> str:
@@ -269,13 +307,20 @@ def deployment_commands(app_dir: Path, config: RunConfig, creds: Credentials | N
     if creds:
         lines += ["# 2. register each SuperNode's public key (from where you run flwr)"]
         lines += [f"{home} flwr supernode register {k}.pub {CONNECTION}" for k in keys]
-    lines += ["# 3. on each client host: one SuperNode per client, on that host's own rows"]
+    lines += [
+        "# 3. on each client host: one SuperNode per client, on that host's own rows, and",
+        "#    fedpeft's executor, which runs the node's ClientApps in one long-lived process",
+        "#    (both read the secret file: random bytes only that host's user can read)",
+        "(umask 077; head -c 32 /dev/urandom > /path/to/its/secret)",
+    ]
     for i, key in enumerate(keys, start=1):
         ca = creds.ca_cert if creds else None
+        secret = Path("/path/to/its/secret")
         argv = supernode_argv(
-            config.flower.superlink, 9094, ca, key, "/path/to/its/data", f"node-{i}"
+            config.flower.superlink, 9094, ca, key, "/path/to/its/data", f"node-{i}", secret
         )
-        lines.append(shlex.join(argv))
+        lines.append(shlex.join(argv) + " &")
+        lines.append(shlex.join(executor_argv(9094, secret, "$!")).replace("'$!'", "$!"))
     lines += ["# 4. start the run; the run folder is written on the SuperLink host"]
     lines.append(f"{home} flwr run {shlex.quote(str(app_dir))} {CONNECTION} --stream")
     return "\n".join(lines) + "\n"
@@ -368,6 +413,7 @@ class LocalFederation:
         self.env = {**flower_env(self.flwr_home), **(env or {})}
         self.superlink: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
+        self.executors: list[subprocess.Popen] = []  # node i's ClientApp executor (if any)
         self.logs: dict[int, Path] = {}
         # every process seen under ours while a run went on: one whose parent dies (a SuperLink
         # killed from outside) is re-parented away from our tree, and still stopped on exit
@@ -395,7 +441,7 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         # The SuperLink (and the ServerApp process it started) first: a ServerApp that outlived
         # its nodes could record a round whose clients were stopped under it.
-        for proc in [self.superlink, *self.nodes]:
+        for proc in [self.superlink, *self.nodes, *self.executors]:
             if proc is not None:
                 stop_process(proc)
         orphans = [p for p in self.seen.values() if _running(p)]
@@ -407,11 +453,12 @@ class LocalFederation:
         stop_leftovers(orphans)
         self.seen = {}
         self.nodes = []
+        self.executors = []
         self.superlink = None
 
     def remember(self) -> None:
         """Note every process now under the SuperLink and the nodes (see ``seen``)."""
-        for proc in [self.superlink, *self.nodes]:
+        for proc in [self.superlink, *self.nodes, *self.executors]:
             if proc is None:
                 continue
             try:
@@ -452,11 +499,19 @@ class LocalFederation:
         """One more SuperNode (authenticating with ``key`` when given) on its own ``data``."""
         ca = self.creds.ca_cert if self.creds else None
         name = Path(data).name if data is not None else None
+        number = len(self.nodes) + 1
+        secret = write_secret(self.work / f"supernode-{number}.secret") if use_executor() else None
+        port = free_port()
         argv = supernode_argv(
-            self.address, free_port(), ca, key, data and Path(data).resolve(), name
+            self.address, port, ca, key, data and Path(data).resolve(), name, secret
         )
-        proc = self._spawn(argv, f"supernode-{len(self.nodes) + 1}", self.node_env())
+        env = self.node_env()
+        proc = self._spawn(argv, f"supernode-{number}", env)
         self.nodes.append(proc)
+        if secret is not None:
+            argv = executor_argv(port, secret, proc.pid)
+            # into the node's log, where Flower's own ClientApp processes write theirs
+            self.executors.append(self._spawn(argv, f"supernode-{number}", env))
         return proc
 
     def node_env(self) -> dict[str, str]:

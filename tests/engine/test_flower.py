@@ -270,6 +270,10 @@ def test_app_folder_carries_the_run_and_secure_commands(tmp_path, toy_data):
     assert "--disable-runtime-dependency-installation" in commands
     assert commands.count("flwr supernode register") == 2
     assert f"--root-certificates {creds.ca_cert}" in commands
+    # each node's ClientApps run in fedpeft's executor, which shares the node's secret
+    assert commands.count("--isolation process --superexec-auth-secret-file") == 2
+    assert commands.count("fedpeft flower executor --runtime-api-address") == 2
+    assert commands.count("--parent-pid $!") == 2
     assert (creds.node_keys[0].stat().st_mode & 0o077) == 0  # private keys are private
 
 

@@ -1,8 +1,8 @@
 """The Flower engine deployed: a SuperLink and SuperNodes as real processes on 127.0.0.1.
 
 Each test starts its own federation on free ports and stops every process by PID on the way out
-(``LocalFederation``'s exit runs even when the test fails). Per message a SuperNode starts a
-ClientApp process that loads the tiny model, so a round takes seconds.
+(``LocalFederation``'s exit runs even when the test fails). Each SuperNode's ClientApps run in
+fedpeft's executor, which hands them to the node's worker (the tiny model, loaded once).
 """
 
 from __future__ import annotations
@@ -70,8 +70,13 @@ def test_two_supernodes_two_rounds(tmp_path, toy_data):
     app, data = deployed(tmp_path, raw)
     with LocalFederation(tmp_path / "fed", num_nodes=2, node_data=data) as federation:
         federation.run(app, timeout=600)
-        pids = [p.pid for proc in [federation.superlink, *federation.nodes] for p in family(proc)]
+        started = [*federation.nodes, *federation.executors]
+        pids = [p.pid for proc in [federation.superlink, *started] for p in family(proc)]
+        node_logs = [federation.logs[node.pid].read_text() for node in federation.nodes]
     assert_all_stopped(pids)
+    # each node's messages (its description, then its training rounds) ran in one long-lived
+    # executor process: the ClientApp was loaded once per node, not once per message
+    assert [log.count("Loading ClientApp") for log in node_logs] == [1, 1]
     first, second = rows = metrics(tmp_path / "run")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["clients_failed"] == [] and r["accuracy"] is not None for r in rows)
