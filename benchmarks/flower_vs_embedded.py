@@ -3,9 +3,12 @@
 Two workloads, MiniLM + LoRA on AG News, seq 64:
 - ``training``: 5 clients, all in every round, 3 rounds, ``--steps`` local steps of batch 16
   (training dominates); embedded, Flower simulation, and a loopback deployment (``fedpeft flower
-  local``, one SuperNode per client, each on its own rows) twice: with the node worker that
-  keeps the model and rows across messages (``fedpeft.engine.flower_worker``) and without it (``FEDPEFT_NODE_WORKER=0``: every message
-  imports the engine and rebuilds the job in its own process, as before the worker existed);
+  local``, one SuperNode per client, each on its own rows) three ways: as shipped (each node's
+  ClientApps run in fedpeft's long-lived executor, ``fedpeft.engine.flower_executor``, and hand
+  the work to the node worker that keeps the model and rows, ``fedpeft.engine.flower_worker``);
+  with Flower's own process per message (``FEDPEFT_NODE_EXECUTOR=0``, the worker still there);
+  and with neither (``FEDPEFT_NODE_WORKER=0`` too: every message imports the engine and builds
+  the job in its own process);
 - ``cross-device``: 1,000 clients, 100 per round, 3 rounds, 2 local steps of batch 8 (little work
   per client: engine overhead dominates); embedded and Flower simulation.
 Each run is its own ``fedpeft`` command, one after the other in one sitting; a sampler adds up
@@ -14,6 +17,7 @@ SuperNodes, ClientApp processes, node workers) every 0.5 s and keeps the peak. M
 pages that processes share (libraries, a forked parent) are counted once.
 
     .venv/bin/python benchmarks/flower_vs_embedded.py [--steps 3] [--only training]
+        [--engines "embedded,flower deployment"] [--out FILE]
 """
 
 from __future__ import annotations
@@ -135,7 +139,11 @@ def commands(config: Path, nodes: int) -> dict[str, tuple[list[str], dict]]:
             {},
         ),
         "flower deployment": (deploy, {}),
-        "flower deployment, no worker": (deploy, {"FEDPEFT_NODE_WORKER": "0"}),
+        "flower deployment, process per message": (deploy, {"FEDPEFT_NODE_EXECUTOR": "0"}),
+        "flower deployment, no executor or worker": (
+            deploy,
+            {"FEDPEFT_NODE_EXECUTOR": "0", "FEDPEFT_NODE_WORKER": "0"},
+        ),
     }
 
 
@@ -144,7 +152,8 @@ ENGINES = {
         "embedded",
         "flower simulation",
         "flower deployment",
-        "flower deployment, no worker",
+        "flower deployment, process per message",
+        "flower deployment, no executor or worker",
     ],
     "cross-device": ["embedded", "flower simulation"],
 }
@@ -154,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="local steps (training workload)")
     parser.add_argument("--only", choices=list(ENGINES), help="one workload")
+    parser.add_argument("--engines", help="comma-separated engines to run (embedded always)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "flower.md"))
     args = parser.parse_args()
 
@@ -166,7 +176,8 @@ def main() -> None:
         config.write_text(yaml.safe_dump(workload(name, args.steps)))
         lines = commands(config, workload(name, args.steps)["num_clients"])
         results[name] = {}
-        for engine in engines:
+        chosen = set(args.engines.split(",")) | {"embedded"} if args.engines else set(engines)
+        for engine in [e for e in engines if e in chosen]:
             argv, env = lines[engine]
             folder = work / f"{name}-{engine.replace(' ', '-').replace(',', '')}"
             print(f"{name}: running {engine} ...", flush=True)
@@ -193,8 +204,11 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "ran as its own `fedpeft` command, one after the other; peak memory is the PSS of the "
         "command and all processes under it, sampled every 0.5 s. Deployment: "
         "`fedpeft flower local` with one SuperNode per client on 127.0.0.1, no TLS, each on its "
-        "own rows; 'no worker' is the same with `FEDPEFT_NODE_WORKER=0` (every message imports "
-        "the engine and builds the job in its own process: the state before the node worker).",
+        "own rows, each node's ClientApps in fedpeft's executor handing the work to the node's "
+        "worker; 'process per message' is the same with `FEDPEFT_NODE_EXECUTOR=0` (Flower "
+        "starts a `flwr-clientapp` process per message, which relays to the worker); 'no "
+        "executor or worker' adds `FEDPEFT_NODE_WORKER=0` (every message imports the engine and "
+        "builds the job in its own process).",
     ]
     for name, runs in results.items():
         base = runs["embedded"]
@@ -220,9 +234,10 @@ def report(results: dict, args: argparse.Namespace) -> str:
             lines += [
                 "",
                 "Per message, mean over the run's messages (a deployment's ClientApp reports "
-                "them): *start* from the `flwr-clientapp` process's start to the ClientApp's "
-                "code (interpreter, Flower's imports, and without the worker torch and fedpeft "
-                "too); *load* building the job (model, rows; paid once per node with the "
+                "them): *start* from the executor taking the task (pulling the message; the "
+                "app's installation the first time), or from the `flwr-clientapp` process's "
+                "start (interpreter, Flower's imports), to the ClientApp's code; *load* building "
+                "the job (model, rows; paid once per node with the "
                 "worker, which the first message also starts); *relay* handing the message to "
                 "the worker and back; *train* the client step itself.",
                 "",
