@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.cli.install import install_from_fab
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.constant import MAX_RETRY_DELAY, ErrorCode, SubStatus
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
@@ -55,7 +56,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -74,6 +75,30 @@ log = logging.getLogger("fedpeft.executor")
 acquired_at: float | None = None
 # The SuperNode this executor serves (``--parent-pid``): the node's worker ends with it.
 node_pid: int | None = None
+
+
+class Refused(RuntimeError):
+    """The SuperNode refused the executor's request (a wrong secret, an expired task)."""
+
+
+def retries() -> RetryInvoker:
+    """Flower's HTTP retries (transport errors and 502/503/504, backing off up to
+    ``MAX_RETRY_DELAY``), except that any other HTTP error is raised to the caller: Flower's own
+    invoker answers a 401 by interrupting its process, which ends a one-message ClientApp
+    process but would end this executor over one expired task."""
+
+    def give_up(err: Exception) -> bool:
+        if isinstance(err, httpx.HTTPStatusError):
+            return err.response.status_code not in (502, 503, 504)
+        return False
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=MAX_RETRY_DELAY),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=None,
+        should_giveup=give_up,
+    )
 
 
 def task_age_s() -> float | None:
@@ -132,7 +157,7 @@ def run_task(address: str, token: str, apps: AppCache, insecure: bool = True) ->
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(token),
         ],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=retries(),
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message: Message | None = None
@@ -194,13 +219,18 @@ def serve(
         insecure=True,
         root_certificates=None,
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=retries(),
     )
     apps = AppCache()
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     try:
         while not stop():
-            got = client.AcquireTask(request)
+            try:
+                got = client.AcquireTask(request)
+            except httpx.HTTPStatusError as err:
+                code = err.response.status_code
+                why = "its secret differs from the SuperNode's" if code == 401 else f"HTTP {code}"
+                raise Refused(f"the SuperNode at {address} refused the executor: {why}") from None
             if not (got.HasField("task") and got.token):
                 time.sleep(poll_s)
                 continue
@@ -233,7 +263,11 @@ def execute(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also how Flower's parent monitor says the node ended
-    serve(args.runtime_api_address, secret, args.parent_pid)
+    try:
+        serve(args.runtime_api_address, secret, args.parent_pid)
+    except Refused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
