@@ -43,7 +43,7 @@ def supernode(tmp_path):
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 break
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "supernode.log")
+        assert proc.poll() is None and time.monotonic() < deadline, tmp_path / "supernode.log"
         time.sleep(0.2)
     yield proc, port, secret
     stop_process(proc)
