@@ -17,7 +17,7 @@ SuperNodes, ClientApp processes, node workers) every 0.5 s and keeps the peak. M
 pages that processes share (libraries, a forked parent) are counted once.
 
     .venv/bin/python benchmarks/flower_vs_embedded.py [--steps 3] [--only training]
-        [--engines "embedded,flower deployment"] [--out FILE]
+        [--engine "flower deployment" ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -163,7 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="local steps (training workload)")
     parser.add_argument("--only", choices=list(ENGINES), help="one workload")
-    parser.add_argument("--engines", help="comma-separated engines to run (embedded always)")
+    parser.add_argument(
+        "--engine", action="append", help="run this engine (repeatable; embedded always runs)"
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "flower.md"))
     args = parser.parse_args()
 
@@ -176,7 +178,7 @@ def main() -> None:
         config.write_text(yaml.safe_dump(workload(name, args.steps)))
         lines = commands(config, workload(name, args.steps)["num_clients"])
         results[name] = {}
-        chosen = set(args.engines.split(",")) | {"embedded"} if args.engines else set(engines)
+        chosen = set(args.engine) | {"embedded"} if args.engine else set(engines)
         for engine in [e for e in engines if e in chosen]:
             argv, env = lines[engine]
             folder = work / f"{name}-{engine.replace(' ', '-').replace(',', '')}"
