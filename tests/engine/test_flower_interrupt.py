@@ -208,8 +208,6 @@ def test_a_killed_superlink_fails_the_run_in_one_line_and_resume_finishes_it(tmp
     assert "Traceback" not in err and f"fedpeft run --resume {run}" in err, err[-2000:]
     assert_stopped(family)
     assert_only_complete_rounds(run, 4)
-    if sig == signal.SIGTERM:  # resuming is the same after either; the suite does it once
-        return
 
     resumed = fedpeft("run", "--resume", str(run), "--quiet", cwd=tmp_path)
     _out, err = resumed.communicate(timeout=900)
