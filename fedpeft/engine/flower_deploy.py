@@ -268,8 +268,8 @@ def supernode_argv(
 def executor_argv(runtime_port: int, secret: Path, supernode_pid: int | str) -> list[str]:
     """fedpeft's ClientApp executor for the SuperNode on ``runtime_port`` (on the same host,
     ``fedpeft.engine.flower_executor``); it ends when the SuperNode's process does."""
-    if isinstance(supernode_pid, int):  # a local federation: this interpreter
-        command = [sys.executable, "-m", "fedpeft.engine.flower_executor"]
+    if isinstance(supernode_pid, int):  # a local federation: this interpreter's fedpeft
+        command = [sys.executable, "-m", "fedpeft.cli", "flower", "executor"]
     else:
         command = ["fedpeft", "flower", "executor"]
     return [

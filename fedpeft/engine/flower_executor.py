@@ -244,7 +244,8 @@ def serve(
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Serve until the SuperNode ends (or SIGTERM, Ctrl-C); 2 when the secret cannot be read."""
+    """``fedpeft flower executor``: serve until the SuperNode ends (or SIGTERM, Ctrl-C); 2 when
+    the secret cannot be read or the SuperNode refuses it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedpeft-executor %(message)s")
     secret = None
     if args.superexec_auth_secret_file:
@@ -269,20 +270,3 @@ def execute(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fedpeft.engine.flower_executor`` (what ``fedpeft flower executor`` runs)."""
-    parser = argparse.ArgumentParser(
-        prog="fedpeft flower executor", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--runtime-api-address", required=True)
-    parser.add_argument("--superexec-auth-secret-file")
-    parser.add_argument("--parent-pid", type=int)
-    return execute(parser.parse_args(argv))
-
-
-if __name__ == "__main__":  # run the package's module, the one the ClientApp reads from
-    from fedpeft.engine import flower_executor
-
-    sys.exit(flower_executor.main())
