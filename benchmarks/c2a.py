@@ -87,6 +87,7 @@ LR_GROUP = {"c2a": "c2a", "c2a_client": "c2a", "c2a_scaled": "c2a", "adapter": "
             "fedprox_adapter": "adapter", "local_adapter": "adapter",
             "adapter_finetune": "adapter"}
 NO_GLOBAL_MODEL = {"local_adapter"}  # its "global" score is the untrained initial model's
+TARGET_FRACTION = 0.95  # rounds to target: this share of full fine-tuning's accuracy
 PENDING: dict[str, str] = {}  # baselines of the issue the engine cannot express yet: none
 LABEL_SKEWS = {"a0.1": 0.1, "a1": 1.0}
 LABEL_DATASETS = ["ag_news", "20newsgroups"]
@@ -214,12 +215,39 @@ def _text(spread: h.Spread | None) -> str:
     return DASH if spread is None else spread.text()
 
 
+def _rounds_to_target(r: Results, accuracy: dict) -> dict[tuple, list[int | None]]:
+    """(dataset, method, skew) -> per seed (in seed order) the first round whose global test
+    accuracy reached ``TARGET_FRACTION`` of full fine-tuning's headline in the same dataset and
+    skew; None where it never did. Absent where full fine-tuning has no headline yet."""
+    found = sorted(r.select(phase=["label", "language"]).items(), key=lambda item: item[0].seed)
+    rounds: dict[tuple, list[int | None]] = {}
+    for cell, summary in found:
+        if cell.method in NO_GLOBAL_MODEL:
+            continue
+        full = accuracy.get((cell.dataset, "full", cell.skew))
+        if full is None:
+            continue
+        hit = h.first_reaching(summary["metrics"], TARGET_FRACTION * full.mean)
+        key = (cell.dataset, cell.method, cell.skew)
+        rounds.setdefault(key, []).append(None if hit is None else hit["round"])
+    return rounds
+
+
+def _rounds_text(method: str, rounds: list[int | None] | None) -> str:
+    if method in NO_GLOBAL_MODEL:
+        return "n/a"
+    if not rounds:
+        return DASH
+    return ", ".join("no" if n is None else str(n) for n in rounds)
+
+
 def report(r: Results) -> tuple[list[str], dict[str, Any]]:
     """The page (lines) and its headline figures from whatever cells are finished."""
     s = QUICK if r.quick else SETTINGS
     common, lang = s["common"], s["language"]
     accuracy, personal = _spreads(r, headline), _spreads(r, _personal)
     language = _spreads(r, _language_score)
+    to_target = _rounds_to_target(r, accuracy)
     lines = r.header("C2A: client-customised adapters under label and language skew")
     lines += [
         f"Setting: {common['model']} (mean pooling), max_seq_len {common['max_seq_len']}"
@@ -290,6 +318,31 @@ def report(r: Results) -> tuple[list[str], dict[str, Any]]:
             ],
         ),
         "",
+        "### Rounds to a target accuracy",
+        "",
+        f"Target = {TARGET_FRACTION:.0%} of full fine-tuning's accuracy (above) in the same "
+        "dataset and skew; the first round whose global test accuracy reached it, one figure per "
+        f"seed (scored every {common['eval_every']} rounds, so rounds are even); 'no' = not within "
+        f"the {common['rounds']} rounds. A reported figure, never used to pick a round or a "
+        "setting.",
+        "",
+        *h.tables(
+            s["datasets"],
+            s["methods"],
+            s["skews"],
+            lambda d, m, k: _rounds_text(m, to_target.get((d, m, k))),
+            _skew_label,
+        ),
+        f"**{lang['dataset']} by {lang['field']}** (overall accuracy)",
+        "",
+        *h.table(
+            ["method", "rounds to target"],
+            [
+                [m, _rounds_text(m, to_target.get((lang["dataset"], m, lang["skew"])))]
+                for m in s["methods"]
+            ],
+        ),
+        "",
         *h.comm_table(
             {m: _first(r, m) for m in s["methods"]},
             "full",
@@ -319,6 +372,17 @@ def report(r: Results) -> tuple[list[str], dict[str, Any]]:
                 "mean_per_language": _spread_dict(language.get((lang["dataset"], m, lang["skew"]))),
             }
             for m in s["methods"]
+        },
+        "rounds_to_target": {
+            "target": f"{TARGET_FRACTION:g} x full fine-tuning's accuracy, same dataset and skew",
+            "per_seed": "first round reaching it per seed, in seed order; null: not reached",
+            "label": {
+                d: {m: {k: to_target.get((d, m, k)) for k in s["skews"]} for m in s["methods"]}
+                for d in s["datasets"]
+            },
+            "language": {
+                m: to_target.get((lang["dataset"], m, lang["skew"])) for m in s["methods"]
+            },
         },
         "pending": PENDING,
         "checks": checks.data,

@@ -93,3 +93,46 @@ def test_quick_runs_every_cell_and_writes_the_report(quick_out):
     assert figures["checks"]["c2a_step_under_1.3x_adapter"]["verdict"] == "undecided"  # no JSON
     client = figures["checks"]["c2a_client_beats_adapter_and_lora_personalised_a0.1"]
     assert set(client["gap_points"]) == {"ag_news vs adapter", "ag_news vs lora"}
+    assert "### Rounds to a target accuracy" in page
+    to_target = figures["rounds_to_target"]["label"]["ag_news"]
+    assert len(to_target["c2a"]["a0.1"]) == 2  # one figure per seed
+    assert to_target["local_adapter"]["a0.1"] is None  # no global model to reach it
+
+
+class _Found:
+    """The part of harness.Results that _rounds_to_target reads."""
+
+    def __init__(self, found):
+        self.found = found
+
+    def select(self, **where):
+        return self.found
+
+
+def _cell(method: str, seed: int):
+    return study.cell("label", "ag_news", method, "a0.1", seed, quick=True)
+
+
+def _metrics(*accuracies):
+    return [{"round": 2 * (i + 1), "accuracy": a} for i, a in enumerate(accuracies)]
+
+
+def test_rounds_to_target_is_the_first_round_at_95_percent_of_full_per_seed():
+    from harness import Spread
+
+    found = _Found(
+        {
+            _cell("c2a", 1): {"metrics": _metrics(0.5, 0.7, 0.75)},  # never 0.76
+            _cell("c2a", 0): {"metrics": _metrics(0.5, 0.76, 0.9)},  # 0.95 * 0.8 at round 4
+            _cell("full", 0): {"metrics": _metrics(0.8)},
+            _cell("local_adapter", 0): {"metrics": _metrics(0.9)},
+        }
+    )
+    accuracy = {("ag_news", "full", "a0.1"): Spread((0.8,))}
+    rounds = study._rounds_to_target(found, accuracy)
+    assert rounds[("ag_news", "c2a", "a0.1")] == [4, None]  # seed order, not insertion order
+    assert rounds[("ag_news", "full", "a0.1")] == [2]
+    assert ("ag_news", "local_adapter", "a0.1") not in rounds
+    assert study._rounds_text("c2a", [4, None]) == "4, no"
+    assert study._rounds_text("local_adapter", None) == "n/a"
+    assert study._rounds_to_target(found, {}) == {}  # no full fine-tuning yet: no target
