@@ -58,8 +58,10 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
+from flwr.proto.node_pb2 import NodeInfo  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
+from flwr.supercore.run import Run  # noqa: E402
 
 from fedpeft import cost, faults, payload, quantize  # noqa: E402
 from fedpeft.client import Evaluation, LocalResult  # noqa: E402
@@ -326,6 +328,56 @@ class SimulationFailed(RuntimeError):
 class Interrupted(Exception):
     """The run was stopped before its end (a progress hook raised): every process it started
     has been stopped, and only complete rounds are recorded."""
+
+
+REPLY_POLL_S = 0.2  # how often the ServerApp asks the SuperLink for the replies it awaits
+
+
+class PromptGrid(Grid):
+    """The ServerApp's grid, collecting replies every ``poll_s``. Flower 1.41's deployment grid
+    asks the SuperLink for them every 3 s, so each exchange (a round, a question to the nodes)
+    waited up to 3 s after its last reply arrived; the requests go to the SuperLink on the same
+    host. Everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, poll_s: float = REPLY_POLL_S) -> None:
+        self.inner, self.poll_s = grid, poll_s
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """As Flower's: push, then pull until every reply is in or ``timeout`` s have passed."""
+        waiting = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (end is None or time.monotonic() < end):
+            got = list(self.pull_messages(waiting))
+            replies += got
+            waiting -= {reply.metadata.reply_to_message_id for reply in got}
+            if waiting:
+                time.sleep(self.poll_s)
+        return replies
 
 
 def connected_nodes(grid: Grid, minimum: int, wait_s: float | None = None) -> list[int]:
@@ -848,6 +900,7 @@ def serve(
     Stopping a run is stopping its process: a round is recorded only once its checkpoint is
     complete."""
     on_event = on_event or (lambda _kind, _info: None)
+    grid = grid if isinstance(grid, PromptGrid) else PromptGrid(grid)
     nodes = None
     if node_data:
         job, nodes = admit_nodes(grid, job, run_dir, min_nodes)

@@ -8,10 +8,12 @@ carries the run in its run config: the resolved YAML (``fedpeft-config``) and th
 the SuperLink's host (``run-dir``). The ServerApp (``flwr-serverapp``, started by the SuperLink)
 writes that run folder, resuming it if it already holds finished rounds. It holds only test and
 validation rows (the config's ``dataset``); each SuperNode owns its training rows
-(``--node-config "data-path=..."``, ``fedpeft.engine.flower_data``) and is one client. Each
-SuperNode starts a ``flwr-clientapp`` process per message (``fedpeft.engine.flower_client``,
-light to import), which hands the message to the node's worker: a process that builds the
-node's job from the YAML and its own rows once and trains (``fedpeft.engine.flower_worker``).
+(``--node-config "data-path=..."``, ``fedpeft.engine.flower_data``) and is one client. A
+SuperNode's ClientApps (``fedpeft.engine.flower_client``, light to import) run in fedpeft's
+long-lived executor beside it (``fedpeft.engine.flower_executor``), or in a ``flwr-clientapp``
+process per message (Flower's default); either hands the message to the node's worker: a
+process that builds the node's job from the YAML and its own rows once and trains
+(``fedpeft.engine.flower_worker``).
 With ``flower.secagg.enabled`` each round runs under SecAgg+ (``fedpeft.engine.flower_secagg``).
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fedpeft.config import ConfigError, build_config, dump_config
-from fedpeft.engine.flower import FlowerEngine, check_supported
+from fedpeft.engine.flower import FlowerEngine, PromptGrid, check_supported
 from fedpeft.engine.flower_deploy import deployment_commands, make_credentials, write_app
 from fedpeft.engine.local import EmbeddedEngine
 from fedpeft.faults import RoundFailed
@@ -416,3 +417,35 @@ def test_ray_object_store_is_sized_from_available_memory(monkeypatch):
     )
     proportion = float(flower.FlowerEngine.ray_env()["RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"])
     assert proportion * 7 * gib == pytest.approx(256 * 2**20, rel=1e-4)
+
+
+class SlowReplies:
+    """The part of a Flower grid that ``PromptGrid.send_and_receive`` uses: two messages pushed,
+    their replies found on the 1st and 3rd pull."""
+
+    def __init__(self):
+        self.pulls: list[set[str]] = []
+
+    def push_messages(self, messages):
+        return [f"id-{m}" for m in messages]
+
+    def pull_messages(self, message_ids):
+        self.pulls.append(set(message_ids))
+        due = {1: ["id-a"], 3: ["id-b"]}.get(len(self.pulls), [])
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in due]
+
+
+def test_prompt_grid_collects_every_reply_and_stops_asking_for_those_in():
+    inner = SlowReplies()
+    replies = PromptGrid(inner, poll_s=0.0).send_and_receive(["a", "b"], timeout=60)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["id-a", "id-b"]
+    assert inner.pulls == [{"id-a", "id-b"}, {"id-b"}, {"id-b"}]  # done once both are in
+
+
+def test_prompt_grid_gives_up_at_the_timeout_with_the_replies_it_has():
+    inner = SlowReplies()
+    assert PromptGrid(inner, poll_s=0.0).send_and_receive(["a", "b"], timeout=0) == []
+    assert inner.pulls == []  # as Flower's grid: a zero timeout pushes and pulls nothing
+    inner = SlowReplies()
+    got = PromptGrid(inner, poll_s=1.0).send_and_receive(["a", "b"], timeout=0.5)
+    assert [r.metadata.reply_to_message_id for r in got] == ["id-a"] and len(inner.pulls) == 1
