@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -441,9 +442,11 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         # The SuperLink (and the ServerApp process it started) first: a ServerApp that outlived
         # its nodes could record a round whose clients were stopped under it.
-        for proc in [self.superlink, *self.nodes, *self.executors]:
-            if proc is not None:
-                stop_process(proc)
+        if self.superlink is not None:
+            stop_process(self.superlink)
+        # then every node and executor at once: each takes about half a second to go
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(stop_process, [*self.nodes, *self.executors]))
         orphans = [p for p in self.seen.values() if _running(p)]
         for orphan in orphans:
             try:
