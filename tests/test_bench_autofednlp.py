@@ -4,6 +4,7 @@ choice on validation, the class subset, and the --quick path end to end on the t
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -147,6 +148,9 @@ def test_quick_runs_resume_and_write_the_page(tmp_path, monkeypatch, capsys):
         assert fig["target"] == pytest.approx(0.99 * vanilla["test_accuracy_at_best_val"])
         assert fig["min_rounds_per_candidate"] >= 2  # quick: rounds_per_period 2
         assert fig["cache"]["sim_time_equal"] is True
+        auto = fig["runs"]["autofednlp"]  # its rounds: every candidate's, every period
+        assert auto["candidate_rounds"] == sum(sum(p.values()) for p in fig["rounds_per_candidate"])
+        assert auto["rounds"] == len(fig["rounds_per_candidate"])  # one row per trial period
         int8 = yaml.safe_load((runs / name / "lf_oracle_int8/config.yaml").read_text())
         assert int8["full"]["depth"] == int(fig["lf_oracle"].removeprefix("lf_d"))
         assert int8["quantize"] == "int8"
@@ -156,6 +160,11 @@ def test_quick_runs_resume_and_write_the_page(tmp_path, monkeypatch, capsys):
     below = sum(fig["target"] <= fig["chance"] for fig in figures.values())
     assert page.count("not above chance") == below
     assert "### ag_news" in page and "LF_oracle" in page and "Activation cache" in page
+    # both AutoFedNLP rows of both datasets
+    assert (
+        len(re.findall(r"\| \d+ periods? \([\d,]+ rounds\) \|", page)) == 4
+        and page.count("| first period(s) only |") == 2
+    )
 
     capsys.readouterr()
     assert cli(["bench", "autofednlp", "--quick", "--out", str(out), "--only", "run=ftq"]) == 0
