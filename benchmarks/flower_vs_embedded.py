@@ -3,9 +3,11 @@
 Two workloads, MiniLM + LoRA on AG News, seq 64:
 - ``training``: 5 clients, all in every round, 3 rounds, ``--steps`` local steps of batch 16
   (training dominates); embedded, Flower simulation, and a loopback deployment (``fedpeft flower
-  local``, one SuperNode per client, each on its own rows) three ways: as shipped (each node's
+  local``, one SuperNode per client, each on its own rows) four ways: as shipped (each node's
   ClientApps run in fedpeft's long-lived executor, ``fedpeft.engine.flower_executor``, and hand
-  the work to the node worker that keeps the model and rows, ``fedpeft.engine.flower_worker``);
+  the work to the node worker that keeps the model and rows, ``fedpeft.engine.flower_worker``;
+  a message's tensors travel packed in one Array, ``fedpeft.engine.flower_arrays``); with an
+  Array per tensor, as Flower's ``ArrayRecord`` has them (``FEDPEFT_FLOWER_PACK=0``);
   with Flower's own process per message (``FEDPEFT_NODE_EXECUTOR=0``, the worker still there);
   and with neither (``FEDPEFT_NODE_WORKER=0`` too: every message imports the engine and builds
   the job in its own process);
@@ -139,6 +141,7 @@ def commands(config: Path, nodes: int) -> dict[str, tuple[list[str], dict]]:
             {},
         ),
         "flower deployment": (deploy, {}),
+        "flower deployment, an Array per tensor": (deploy, {"FEDPEFT_FLOWER_PACK": "0"}),
         "flower deployment, process per message": (deploy, {"FEDPEFT_NODE_EXECUTOR": "0"}),
         "flower deployment, no executor or worker": (
             deploy,
@@ -152,6 +155,7 @@ ENGINES = {
         "embedded",
         "flower simulation",
         "flower deployment",
+        "flower deployment, an Array per tensor",
         "flower deployment, process per message",
         "flower deployment, no executor or worker",
     ],
@@ -207,7 +211,10 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "command and all processes under it, sampled every 0.5 s. Deployment: "
         "`fedpeft flower local` with one SuperNode per client on 127.0.0.1, no TLS, each on its "
         "own rows, each node's ClientApps in fedpeft's executor handing the work to the node's "
-        "worker; 'process per message' is the same with `FEDPEFT_NODE_EXECUTOR=0` (Flower "
+        "worker, a message's tensors packed in one Array; 'an Array per tensor' is the same "
+        "with `FEDPEFT_FLOWER_PACK=0` (Flower's own `ArrayRecord` layout: an object, and a "
+        "request on each hop, per tensor); "
+        "'process per message' is the same with `FEDPEFT_NODE_EXECUTOR=0` (Flower "
         "starts a `flwr-clientapp` process per message, which relays to the worker); 'no "
         "executor or worker' adds `FEDPEFT_NODE_WORKER=0` (every message imports the engine and "
         "builds the job in its own process).",

@@ -50,7 +50,6 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from flwr.app import (  # noqa: E402
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -68,6 +67,7 @@ from fedpeft.client import Evaluation, LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
+from fedpeft.engine.flower_arrays import pack, packed, packing, unpack  # noqa: E402
 from fedpeft.engine.flower_client import (  # noqa: E402, F401
     CONFIG_KEY,
     ESTIMATE_KEY,
@@ -153,8 +153,14 @@ def check_supported(config: RunConfig, simulation: bool = True) -> None:
 
 
 def to_state(record: ArrayRecord) -> State:
-    """ArrayRecord -> torch tensors (copied: the received buffers are read-only)."""
-    return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
+    """ArrayRecord (packed or not, ``flower_arrays``) -> torch tensors."""
+    return {name: torch.from_numpy(array) for name, array in unpack(record).items()}
+
+
+def from_state(state: State) -> ArrayRecord:
+    """torch tensors -> an ArrayRecord, packed unless turned off (``flower_arrays``)."""
+    arrays = {name: t.detach().contiguous().numpy() for name, t in state.items()}
+    return pack(arrays, packing())
 
 
 # -- client side ----------------------------------------------------------------------------------
@@ -286,20 +292,17 @@ def estimate_arrays(
 
 def train_on_message(msg: Message, config_yaml: str, data_path: str | None = None) -> Message:
     """``train_arrays`` on a Flower message, in this process."""
-    arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    arrays = unpack(msg.content["arrays"])
     settings = dict(msg.content["config"])
     carried = None
     if STORE_RECORD in msg.content.array_records:
-        carried = {k: a.numpy() for k, a in msg.content[STORE_RECORD].items()}
+        carried = unpack(msg.content[STORE_RECORD])
     sent, metrics, kept = train_arrays(config_yaml, settings, arrays, data_path, carried)
-    content = RecordDict({"arrays": arrays_record(sent), "metrics": MetricRecord(metrics)})
+    one = packed(msg.content["arrays"])  # answered in the form it came
+    content = RecordDict({"arrays": pack(sent, one), "metrics": MetricRecord(metrics)})
     if kept is not None:
-        content[STORE_RECORD] = arrays_record(kept)
+        content[STORE_RECORD] = pack(kept, one)
     return Message(content, reply_to=msg)
-
-
-def arrays_record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({name: Array.from_numpy_ndarray(a) for name, a in arrays.items()})
 
 
 def describe_node(node_config: dict, labels: list[str]) -> dict[str, Any]:
@@ -541,14 +544,12 @@ class FedpeftStrategy(Strategy):
             self.downloads[cid] = (down, received)
             content = RecordDict(
                 {
-                    "arrays": ArrayRecord.from_torch_state_dict(sent),
+                    "arrays": from_state(sent),
                     "config": ConfigRecord({"round": rnd, "cid": cid, **settings, **extra}),
                 }
             )
             if self.carry_store:  # not traffic: a deployed client's store never leaves it
-                content[STORE_RECORD] = arrays_record(
-                    {k: t.contiguous().numpy() for k, t in self.state.store.of(cid).items()}
-                )
+                content[STORE_RECORD] = from_state(self.state.store.of(cid))
             self.node_of[cid] = node
             messages.append(
                 Message(
@@ -841,7 +842,7 @@ class FlowerRunner(ClientRunner):
             Message(
                 RecordDict(
                     {
-                        "arrays": ArrayRecord.from_torch_state_dict(state),
+                        "arrays": from_state(state),
                         "config": ConfigRecord({**settings, "cid": cid}),
                     }
                 ),

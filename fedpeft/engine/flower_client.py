@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -39,6 +37,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft.engine import flower_executor
+from fedpeft.engine.flower_arrays import pack, packed, unpack
 
 CONFIG_KEY = "fedpeft-config"  # run-config key holding the run's YAML
 SIMULATION_KEY = "fedpeft-simulation"  # run-config key: the run is simulated (FlowerEngine)
@@ -50,10 +49,6 @@ SECAGG_NAMES = "secagg-names"  # the tensors' names, in the order of the FitIns'
 SECAGG_CLIPPING = "secagg-clipping-range"  # SecAgg+ clips update entries to +-this
 SECAGG_METRICS = "fedpeft"  # the client's figures as JSON (a legacy FitRes holds scalars only)
 SECAGG_CLIPPED = "secagg-clipped"  # how many of the update's entries SecAgg+ clips
-
-
-def _record(arrays: dict[str, Any]) -> ArrayRecord:
-    return ArrayRecord({name: Array.from_numpy_ndarray(a) for name, a in arrays.items()})
 
 
 def use_worker() -> bool:
@@ -145,7 +140,7 @@ def estimate(msg: Message, config: str, data_path: str) -> Message:
     """The node's bound on one round's simulated seconds from the tensors in ``msg``
     (``fedpeft.engine.flower.estimate_arrays``), on its worker unless it is turned off."""
     settings = dict(msg.content["config"])
-    arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    arrays = unpack(msg.content["arrays"])
     request = {"config": config, "settings": settings, "arrays": arrays, "data_path": data_path}
     if use_worker():
         from fedpeft.engine.flower_worker import NodeWorker
@@ -165,15 +160,16 @@ def make_client_app() -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         if RECORD_KEY_CONFIGS in msg.content.config_records:  # SecAgg+'s masked-vector stage
             return secagg_train(msg, context)
-        arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+        arrays = unpack(msg.content["arrays"])
         carried = None
         if STORE_RECORD in msg.content.array_records:  # simulation: the store travels
-            carried = {name: a.numpy() for name, a in msg.content[STORE_RECORD].items()}
+            carried = unpack(msg.content[STORE_RECORD])
         settings = dict(msg.content["config"])
         sent, metrics, kept = node_train(context, settings, arrays, carried)
-        content = RecordDict({"arrays": _record(sent), "metrics": MetricRecord(metrics)})
+        one = packed(msg.content["arrays"])  # answered in the form it came
+        content = RecordDict({"arrays": pack(sent, one), "metrics": MetricRecord(metrics)})
         if kept is not None:
-            content[STORE_RECORD] = _record(kept)
+            content[STORE_RECORD] = pack(kept, one)
         return Message(content, reply_to=msg)
 
     @app.query()

@@ -57,6 +57,7 @@ from fedpeft.client import LocalResult
 from fedpeft.config import ConfigError
 from fedpeft.engine import run as skeleton
 from fedpeft.engine.flower import FedpeftStrategy
+from fedpeft.engine.flower_arrays import unpack
 from fedpeft.engine.flower_client import (
     SECAGG_CLIPPED,
     SECAGG_CLIPPING,
@@ -116,11 +117,11 @@ class SecAggRound(LegacyStrategy):
         run_id = self.grid.run.run_id
         pairs = []
         for message in messages:
-            arrays = message.content["arrays"]
+            arrays = unpack(message.content["arrays"])
             self.names = list(arrays.keys())  # every client of a plain method gets the same
             settings = dict(message.content["config"])
             settings.update({SECAGG_NAMES: json.dumps(self.names), SECAGG_CLIPPING: clipping})
-            tensors = ndarrays_to_parameters([arrays[name].numpy() for name in self.names])
+            tensors = ndarrays_to_parameters([arrays[name] for name in self.names])
             node = message.metadata.dst_node_id
             pairs.append((GridClientProxy(node, self.grid, run_id), FitIns(tensors, settings)))
         return pairs

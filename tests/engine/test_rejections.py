@@ -157,7 +157,7 @@ def flower_identity(monkeypatch):
 def test_flower_engine_drops_a_bad_update_and_goes_on(tmp_path, toy_data, flower_identity, reason):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-    from fedpeft.engine.flower import FedpeftStrategy, train_on_message
+    from fedpeft.engine.flower import FedpeftStrategy, to_state, train_on_message
 
     config = _config(toy_data)
     bad_cid = _bad_cid(config)
@@ -171,10 +171,7 @@ def test_flower_engine_drops_a_bad_update_and_goes_on(tmp_path, toy_data, flower
         reply = train_on_message(msg, dump_config(config))
         cid = int(reply.content["metrics"]["cid"])
         if cid == bad_cid:
-            arrays = {
-                k: torch.from_numpy(a.numpy().copy()) for k, a in reply.content["arrays"].items()
-            }
-            bad = CORRUPTIONS[reason](arrays)
+            bad = CORRUPTIONS[reason](to_state(reply.content["arrays"]))
             content = RecordDict(
                 {
                     "arrays": ArrayRecord.from_torch_state_dict(bad),
