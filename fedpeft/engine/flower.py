@@ -67,12 +67,14 @@ from fedpeft.client import Evaluation, LocalResult  # noqa: E402
 from fedpeft.config import ConfigError, RunConfig, build_config  # noqa: E402
 from fedpeft.data.sources import DataError  # noqa: E402
 from fedpeft.engine import run as skeleton  # noqa: E402
-from fedpeft.engine.flower_arrays import pack, packed, packing, unpack  # noqa: E402
+from fedpeft.engine.flower_arrays import pack, packing, unpack  # noqa: E402
 from fedpeft.engine.flower_client import (  # noqa: E402, F401
     CONFIG_KEY,
     ESTIMATE_KEY,
     SIMULATION_KEY,
     STORE_RECORD,
+    training_inputs,
+    training_reply,
 )
 from fedpeft.engine.flower_store import NodeStore, state_folder  # noqa: E402
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
@@ -292,17 +294,8 @@ def estimate_arrays(
 
 def train_on_message(msg: Message, config_yaml: str, data_path: str | None = None) -> Message:
     """``train_arrays`` on a Flower message, in this process."""
-    arrays = unpack(msg.content["arrays"])
-    settings = dict(msg.content["config"])
-    carried = None
-    if STORE_RECORD in msg.content.array_records:
-        carried = unpack(msg.content[STORE_RECORD])
-    sent, metrics, kept = train_arrays(config_yaml, settings, arrays, data_path, carried)
-    one = packed(msg.content["arrays"])  # answered in the form it came
-    content = RecordDict({"arrays": pack(sent, one), "metrics": MetricRecord(metrics)})
-    if kept is not None:
-        content[STORE_RECORD] = pack(kept, one)
-    return Message(content, reply_to=msg)
+    arrays, carried, settings = training_inputs(msg)
+    return training_reply(msg, *train_arrays(config_yaml, settings, arrays, data_path, carried))
 
 
 def describe_node(node_config: dict, labels: list[str]) -> dict[str, Any]:

@@ -55,8 +55,8 @@ def unpack(record: ArrayRecord) -> Arrays:
     Array's (writable copies)."""
     if not packed(record):
         return {name: np.array(array.numpy()) for name, array in record.items()}
-    blob = record[PACKED].numpy().tobytes()
+    blob = record[PACKED].numpy().tobytes()  # a copy: the tensors decoded from it are writable
     tensors = load(blob)  # in no particular order
     (size,) = struct.unpack("<Q", blob[:8])  # safetensors: header length, then the JSON header
     order = json.loads(json.loads(blob[8 : 8 + size])["__metadata__"][ORDER])
-    return {name: np.array(tensors[name]) for name in order}
+    return {name: tensors[name] for name in order}

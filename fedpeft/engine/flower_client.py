@@ -51,6 +51,25 @@ SECAGG_METRICS = "fedpeft"  # the client's figures as JSON (a legacy FitRes hold
 SECAGG_CLIPPED = "secagg-clipped"  # how many of the update's entries SecAgg+ clips
 
 
+def training_inputs(msg: Message) -> tuple[dict, dict | None, dict[str, Any]]:
+    """A training message's tensors, the client's store when it travels with them (simulation),
+    and its settings."""
+    carried = None
+    if STORE_RECORD in msg.content.array_records:
+        carried = unpack(msg.content[STORE_RECORD])
+    return unpack(msg.content["arrays"]), carried, dict(msg.content["config"])
+
+
+def training_reply(msg: Message, sent: dict, metrics: dict, kept: dict | None) -> Message:
+    """The answer to a training message: the upload, the figures and the store when it
+    travels, the tensors in the form they came (``flower_arrays``)."""
+    one = packed(msg.content["arrays"])
+    content = RecordDict({"arrays": pack(sent, one), "metrics": MetricRecord(metrics)})
+    if kept is not None:
+        content[STORE_RECORD] = pack(kept, one)
+    return Message(content, reply_to=msg)
+
+
 def use_worker() -> bool:
     """Whether a deployed node's messages go to its worker: yes unless ``FEDPEFT_NODE_WORKER=0``
     is set where the SuperNode runs (each message then imports the engine and builds the job in
@@ -160,17 +179,8 @@ def make_client_app() -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         if RECORD_KEY_CONFIGS in msg.content.config_records:  # SecAgg+'s masked-vector stage
             return secagg_train(msg, context)
-        arrays = unpack(msg.content["arrays"])
-        carried = None
-        if STORE_RECORD in msg.content.array_records:  # simulation: the store travels
-            carried = unpack(msg.content[STORE_RECORD])
-        settings = dict(msg.content["config"])
-        sent, metrics, kept = node_train(context, settings, arrays, carried)
-        one = packed(msg.content["arrays"])  # answered in the form it came
-        content = RecordDict({"arrays": pack(sent, one), "metrics": MetricRecord(metrics)})
-        if kept is not None:
-            content[STORE_RECORD] = pack(kept, one)
-        return Message(content, reply_to=msg)
+        arrays, carried, settings = training_inputs(msg)
+        return training_reply(msg, *node_train(context, settings, arrays, carried))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
