@@ -106,12 +106,17 @@ def test_full_settings_follow_the_issue():
         assert setting.common["num_clients"] == 100
         assert setting.autofednlp == {"rounds_per_period": 20}
         configs = study.method_configs(setting)
-        assert {"vanilla", "ftq", "autofednlp", "autofednlp_nocache"} <= set(configs)
+        assert {"vanilla", "ftq", "autofednlp", *study.FIRST_PERIODS} <= set(configs)
         for name, config in configs.items():
             assert config["cost"] == study.COST
-            if name != "autofednlp_nocache":
+            if name not in study.FIRST_PERIODS:
                 assert config["early_stop"]["patience"] >= 1, name
-        assert configs["autofednlp_nocache"]["activation_cache"]["store_hidden"] is False
+        pair = [configs[name] for name in study.FIRST_PERIODS]
+        assert pair[0]["activation_cache"].get("store_hidden", True) is True
+        assert pair[1]["activation_cache"]["store_hidden"] is False
+        assert pair[0]["rounds"] == pair[1]["rounds"] == setting.nocache_periods
+        without = [{k: v for k, v in c.items() if k != "activation_cache"} for c in pair]
+        assert without[0] == without[1]  # the pair differs in the cache alone
 
 
 def test_quick_runs_resume_and_write_the_page(tmp_path, monkeypatch, capsys):
@@ -130,7 +135,7 @@ def test_quick_runs_resume_and_write_the_page(tmp_path, monkeypatch, capsys):
     for cell in cells:
         summary = json.loads((runs / cell.folder / "summary.json").read_text())
         assert summary["complete"], cell.folder
-        if cell.run != "autofednlp_nocache":
+        if cell.run not in study.FIRST_PERIODS:
             assert summary["converged"] or summary["cap_hit"], cell.folder
     figures = json.loads((out / "autofednlp_quick.json").read_text())["datasets"]
     assert set(figures) == {"ag_news", "20newsgroups"}
@@ -160,10 +165,10 @@ def test_quick_runs_resume_and_write_the_page(tmp_path, monkeypatch, capsys):
     below = sum(fig["target"] <= fig["chance"] for fig in figures.values())
     assert page.count("not above chance") == below
     assert "### ag_news" in page and "LF_oracle" in page and "Activation cache" in page
-    # both AutoFedNLP rows of both datasets
+    # the three AutoFedNLP rows (the run, the cache's pair) of both datasets
     assert (
-        len(re.findall(r"\| \d+ periods? \([\d,]+ rounds\) \|", page)) == 4
-        and page.count("| first period(s) only |") == 2
+        len(re.findall(r"\| \d+ periods? \([\d,]+ rounds\) \|", page)) == 6
+        and page.count("| first period(s) only |") == 4
     )
 
     capsys.readouterr()
@@ -176,4 +181,4 @@ def test_report_only_waits_for_runs(tmp_path):
     out = tmp_path / "results"
     assert cli(["bench", "autofednlp", "--quick", "--out", str(out), "--report-only"]) == 0
     page = (out / "autofednlp_quick.md").read_text()
-    assert "0 of 9 runs finished" in page
+    assert "0 of 10 runs finished" in page
