@@ -264,6 +264,11 @@ class FlowerSettings(_Strict):
     insecure: bool = Field(
         False, description="deployment without TLS and node authentication (loopback tests only)"
     )
+    send_ahead: bool = Field(
+        True,
+        description="send a round's messages before the previous round is evaluated, when that "
+        "round is sure to run, so clients train while the server evaluates (same results)",
+    )
     secagg: SecAggSettings = Field(default_factory=SecAggSettings)
 
     @model_validator(mode="after")

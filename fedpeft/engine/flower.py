@@ -87,7 +87,7 @@ from fedpeft.methods.base import (  # noqa: E402
     RoundReport,
 )
 from fedpeft.peft.base import State, load_trainable_state  # noqa: E402
-from fedpeft.runs import RunDir  # noqa: E402
+from fedpeft.runs import RunDir, rng_state, set_rng_state  # noqa: E402
 
 log = logging.getLogger("fedpeft.flower")
 LOG_PREFIX = "fedpeft "  # how the ServerApp's own lines start in the run's log (``show_log``)
@@ -364,7 +364,12 @@ class PromptGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """As Flower's: push, then pull until every reply is in or ``timeout`` s have passed."""
-        waiting = set(self.push_messages(messages))
+        return self.receive(self.push_messages(messages), timeout)
+
+    def receive(self, ids: Iterable[str], timeout: float | None = None) -> list[Message]:
+        """The replies to the messages ``ids`` (pushed earlier), pulled until every one is in
+        or ``timeout`` s have passed."""
+        waiting = set(ids)
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting and (end is None or time.monotonic() < end):
@@ -393,7 +398,10 @@ class FedpeftStrategy(Strategy):
 
     Flower's round ``r`` is fedpeft's round ``first_round + r - 1`` (so resumed runs continue
     their numbering). ``finish_round`` is the strategy's ``evaluate_fn``: it evaluates the new
-    global state on the server and writes the metrics row, checkpoint and summary.
+    global state on the server and writes the metrics row, checkpoint and summary. A plain
+    round is played by ``flower_round`` with the strategy's parts (``send``, ``aggregate_train``,
+    ``finish``), so the next round's messages can go out before this one is evaluated; SecAgg+
+    rounds use Flower's workflow (``fedpeft.engine.flower_secagg``).
     """
 
     def __init__(
@@ -430,6 +438,7 @@ class FedpeftStrategy(Strategy):
         self.suspects: set[int] = set()  # nodes that missed the last round's deadline
         self.client_wall: dict[str, list[float]] = {}  # clients' own timings, this round
         self.started = self.sent_at = 0.0
+        self.in_flight: tuple[int, list[str]] | None = None  # a round's pushed message ids
         # Simulation: the server keeps the clients' stores and sends each its own (a deployed
         # node keeps its own: ``fedpeft.engine.flower_store``)
         self.carry_store = nodes is None
@@ -458,10 +467,12 @@ class FedpeftStrategy(Strategy):
         self.sent_at = time.perf_counter()
         return self._messages(rnd, 0)
 
-    def begin_round(self, rnd: int, grid: Grid) -> None:
-        """A round's start: the federation formed (or what is left of it), the nodes to use."""
+    def begin_round(self, rnd: int, grid: Grid, announce: bool = True) -> None:
+        """A round's start: the federation formed (or what is left of it), the nodes to use.
+        ``announce=False``: a round sent ahead (``flower_round``), announced when it begins."""
         self.started = time.perf_counter()
-        self.on_event("round_start", {"round": rnd})
+        if announce:
+            self.on_event("round_start", {"round": rnd})
         if not self.formed:  # the federation forms: wait for min_nodes
             connected = connected_nodes(grid, self.min_nodes)
             self.formed = True
@@ -753,23 +764,63 @@ class FedpeftStrategy(Strategy):
         """Evaluate the new global state and write the round's row, checkpoint and summary."""
         if server_round == 0:
             return None  # Flower's look at the starting weights; fedpeft rows start at round 1
-        load_trainable_state(self.job.model, self.global_state)
-        row = skeleton.finish_round(
-            self.job, self.run_dir, self.state, self.report, self.started, self.on_event
-        )
+        row = self.finish(self.report, self.started)
         scores = {k: row[k] for k in ("accuracy", "macro_f1") if row.get(k) is not None}
         return MetricRecord(scores)
 
+    def finish(self, report: RoundReport, started: float) -> dict[str, Any]:
+        """Round ``report.rnd``'s evaluation of the global state, its row, checkpoint and summary."""
+        load_trainable_state(self.job.model, self.global_state)
+        return skeleton.finish_round(
+            self.job, self.run_dir, self.state, report, started, self.on_event
+        )
 
-def flower_round(strategy: FedpeftStrategy, grid: Grid) -> None:
-    """One fedpeft round (``strategy.first_round``) as one Flower ``Strategy.start``."""
-    strategy.start(
-        grid,
-        ArrayRecord.from_torch_state_dict(strategy.global_state),
-        num_rounds=1,
-        timeout=strategy.config.flower.round_timeout_s,
-        evaluate_fn=strategy.finish_round,
-    )
+    # -- rounds sent ahead (``flower_round``) -------------------------------------------------
+    def send(self, rnd: int, grid: PromptGrid) -> None:
+        """Round ``rnd``'s first attempt out: its clients sampled, their messages pushed."""
+        self.clients = self._sample(rnd, 0)
+        self.sent_at = time.perf_counter()
+        self.in_flight = (rnd, list(grid.push_messages(self._messages(rnd, 0))))
+
+    def can_send_ahead(self, rnd: int) -> bool:
+        """Whether round ``rnd + 1``'s messages may go out before round ``rnd`` is evaluated
+        (``flower.send_ahead``, and the round is sure to run: ``skeleton.next_round_certain``)."""
+        return self.config.flower.send_ahead and skeleton.next_round_certain(
+            self.job, self.state.history, rnd
+        )
+
+
+def flower_round(strategy: FedpeftStrategy, grid: PromptGrid) -> None:
+    """One fedpeft round (``strategy.first_round``) over Flower. Its messages went out already
+    when the round before could send them ahead; once its replies are aggregated, the next
+    round's messages go out *before* this round is evaluated (when that round is sure to run:
+    ``can_send_ahead``), so the clients train while the server evaluates and writes the round.
+    The same clients, tensors and weights as one round after the other (what the clients are
+    sent never depends on the evaluation); a round's wall time starts when the round before it
+    is recorded, its clients may have started earlier."""
+    rnd = strategy.first_round
+    timeout = strategy.config.flower.round_timeout_s
+    strategy.summary()  # once, as the federation forms
+    if strategy.in_flight is not None and strategy.in_flight[0] == rnd:
+        strategy.started = strategy.sent_at = time.perf_counter()
+        strategy.on_event("round_start", {"round": rnd})
+    else:
+        strategy.begin_round(rnd, grid)
+        strategy.send(rnd, grid)
+    replies = grid.receive(strategy.in_flight[1], timeout)
+    strategy.in_flight = None
+    strategy.aggregate_train(1, replies)
+    report, started = strategy.report, strategy.started
+    if not strategy.can_send_ahead(rnd):
+        strategy.finish(report, started)
+        return
+    before = rng_state()  # the checkpoint keeps the random state as round ``rnd`` left it
+    strategy.begin_round(rnd + 1, grid, announce=False)
+    strategy.send(rnd + 1, grid)
+    after = rng_state()
+    set_rng_state(before)
+    strategy.finish(report, started)
+    set_rng_state(after)
 
 
 class FlowerRunner(ClientRunner):

@@ -712,6 +712,27 @@ def _privacy(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def next_round_certain(job: Job, history: list[dict[str, Any]], rnd: int) -> bool:
+    """Whether round ``rnd + 1`` runs whatever round ``rnd``'s evaluation says (``history``: the
+    rounds before ``rnd``): it is within the run's rounds, no privacy budget can stop it
+    (``dp.max_epsilon``), and ``early_stop`` cannot end the run after round ``rnd`` (its
+    patience has not run out even if round ``rnd`` gains nothing on validation)."""
+    config = job.config
+    if rnd + 1 > config.rounds:
+        return False
+    if job.dp is not None and job.dp.max_epsilon is not None:
+        return False
+    stop = config.early_stop
+    if stop is None:
+        return True
+    best, best_round = None, 0
+    for row in history:  # as ``converged`` finds the last round that gained
+        val = row.get("val_accuracy")
+        if val is not None and (best is None or val > best + stop.min_delta):
+            best, best_round = val, row["round"]
+    return best is None or rnd - best_round < stop.patience
+
+
 def converged(history: list[dict[str, Any]], patience: int, min_delta: float = 0.0) -> str | None:
     """Why a run has converged (``early_stop``), else None: ``patience`` rounds have passed since
     the last round whose validation accuracy beat every earlier one by more than ``min_delta``."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+from types import SimpleNamespace
+
 import pytest
 
 from fedpeft.config import ConfigError, build_config
-from fedpeft.engine.run import converged
+from fedpeft.engine.run import converged, next_round_certain
 from tests.conftest import tiny_config
 from tests.engine.test_local import metrics, run_once
 
@@ -22,6 +25,41 @@ def test_converged_after_patience_rounds_without_gain():
     assert converged(_rows(0.5, 0.6, 0.605, 0.609), patience=2, min_delta=0.01)
     assert converged(_rows(0.5, None, None), patience=2)  # rounds between evaluations count
     assert converged([], patience=1) is None
+
+
+def _job(rounds=10, patience=None, min_delta=0.0, max_epsilon=None):
+    stop = None if patience is None else SimpleNamespace(patience=patience, min_delta=min_delta)
+    dp = None if max_epsilon is None else SimpleNamespace(max_epsilon=max_epsilon)
+    return SimpleNamespace(config=SimpleNamespace(rounds=rounds, early_stop=stop), dp=dp)
+
+
+@pytest.mark.parametrize("patience,min_delta", [(1, 0.0), (2, 0.0), (2, 0.1), (3, 0.0)])
+def test_next_round_is_certain_exactly_when_no_evaluation_of_this_round_can_stop_the_run(
+    patience, min_delta
+):
+    """Round r + 1 is certain (its messages may go out before round r is evaluated) iff no
+    validation score of round r (a gain, none, no evaluation) makes the run converge after r;
+    checked over every history of up to 4 rounds from a few scores."""
+    job = _job(patience=patience, min_delta=min_delta)
+    scores = (None, 0.5, 0.55, 0.7)
+    for length in range(5):
+        for vals in itertools.product(scores, repeat=length):
+            history = _rows(*vals)
+            if converged(history, patience, min_delta):
+                continue  # the run ended already: no round r
+            rnd = length + 1
+            outcomes = [
+                converged(history + _rows(*vals, v)[-1:], patience, min_delta)
+                for v in (*scores, 1.0)
+            ]
+            certain = next_round_certain(job, history, rnd)
+            assert certain == (not any(outcomes)), (vals, certain, outcomes)
+
+
+def test_next_round_is_not_certain_past_the_cap_or_under_a_privacy_budget():
+    assert next_round_certain(_job(rounds=3), [], 2)
+    assert not next_round_certain(_job(rounds=3), [], 3)  # round 4 is past the cap
+    assert not next_round_certain(_job(rounds=3, max_epsilon=8.0), [], 1)
 
 
 def _config(toy_data, **overrides):

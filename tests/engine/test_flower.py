@@ -455,3 +455,89 @@ def test_prompt_grid_gives_up_at_the_timeout_with_the_replies_it_has():
     inner = SlowReplies()
     got = PromptGrid(inner, poll_s=1.0).send_and_receive(["a", "b"], timeout=0.5)
     assert [r.metadata.reply_to_message_id for r in got] == ["id-a"] and len(inner.pulls) == 1
+
+
+class RecordingStrategy:
+    """What ``flower_round`` asks of its strategy, recorded in order; sending draws from the
+    global random state (as sampling may) and finishing records the state it sees."""
+
+    def __init__(self, rounds: int, send_ahead: bool = True):
+        flower = SimpleNamespace(round_timeout_s=5.0)
+        self.config = SimpleNamespace(flower=flower)
+        self.rounds, self.send_ahead = rounds, send_ahead
+        self.first_round, self.in_flight, self.report = 1, None, None
+        self.started = self.sent_at = 0.0
+        self.calls: list[tuple] = []
+        self.finish_states: list[torch.Tensor] = []
+
+    def summary(self):
+        pass
+
+    def on_event(self, kind, info):
+        self.calls.append((kind, info["round"]))
+
+    def begin_round(self, rnd, grid, announce=True):
+        self.calls.append(("begin", rnd, announce))
+        self.report = SimpleNamespace(rnd=rnd)
+
+    def send(self, rnd, grid):
+        torch.rand(1)
+        self.calls.append(("send", rnd))
+        self.in_flight = (rnd, [f"m{rnd}"])
+
+    def aggregate_train(self, server_round, replies):
+        self.calls.append(("aggregate", self.report.rnd, list(replies)))
+
+    def can_send_ahead(self, rnd):
+        return self.send_ahead and rnd < self.rounds
+
+    def finish(self, report, started):
+        self.calls.append(("finish", report.rnd))
+        self.finish_states.append(torch.get_rng_state())
+
+
+class EchoGrid:
+    def receive(self, ids, timeout=None):
+        return [f"reply-{i}" for i in ids]
+
+
+def test_a_round_sends_the_next_ones_messages_before_it_is_evaluated():
+    """flower_round: round 2's messages go out after round 1's aggregation and before its
+    evaluation; round 2 begins (is announced) after round 1 is recorded; the last round sends
+    nothing ahead; the evaluation sees the random state as the aggregation left it."""
+    from fedpeft.engine.flower import flower_round
+
+    strategy, grid = RecordingStrategy(rounds=2), EchoGrid()
+    flower_round(strategy, grid)
+    strategy.first_round = 2
+    flower_round(strategy, grid)
+    assert strategy.calls == [
+        ("begin", 1, True),
+        ("send", 1),
+        ("aggregate", 1, ["reply-m1"]),
+        ("begin", 2, False),
+        ("send", 2),
+        ("finish", 1),
+        ("round_start", 2),
+        ("aggregate", 2, ["reply-m2"]),
+        ("finish", 2),
+    ]
+    plain = RecordingStrategy(rounds=2, send_ahead=False)
+    flower_round(plain, grid)
+    assert [c[0] for c in plain.calls] == ["begin", "send", "aggregate", "finish"]
+
+
+def test_sending_ahead_leaves_the_evaluation_and_the_next_round_their_random_state():
+    from fedpeft.engine.flower import flower_round
+
+    torch.manual_seed(0)
+    ahead = RecordingStrategy(rounds=3)
+    flower_round(ahead, EchoGrid())
+    after_ahead = torch.rand(1).item()
+    torch.manual_seed(0)
+    plain = RecordingStrategy(rounds=3, send_ahead=False)
+    flower_round(plain, EchoGrid())
+    plain.begin_round(2, None, announce=False)
+    plain.send(2, None)  # round 2 sent after round 1 is finished, as without sending ahead
+    assert torch.equal(ahead.finish_states[0], plain.finish_states[0])  # the evaluation's
+    assert after_ahead == torch.rand(1).item()  # and what follows the next round's send
