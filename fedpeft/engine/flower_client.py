@@ -103,7 +103,7 @@ def node_train(
     if started is None:
         started = process_age_s()
     request = {"config": config, "settings": settings, "arrays": arrays, "data_path": data_path}
-    worker = NodeWorker(config, data_path or "", flower_executor.node_pid)
+    worker = NodeWorker(flower_executor.node_pid)
     before = time.perf_counter()
     sent, metrics = worker.call("train", request)
     metrics["start-s"] = started
@@ -164,7 +164,7 @@ def estimate(msg: Message, config: str, data_path: str) -> Message:
     if use_worker():
         from fedpeft.engine.flower_worker import NodeWorker
 
-        answer = NodeWorker(config, data_path, flower_executor.node_pid).call("estimate", request)
+        answer = NodeWorker(flower_executor.node_pid).call("estimate", request)
     else:
         from fedpeft.engine.flower import estimate_arrays
 
@@ -194,8 +194,7 @@ def make_client_app() -> ClientApp:
             from fedpeft.engine.flower_worker import NodeWorker
 
             request = {"node_config": node_config, "labels": labels}
-            path = str(path) if path else ""
-            answer = NodeWorker(config, path, flower_executor.node_pid).call("describe", request)
+            answer = NodeWorker(flower_executor.node_pid).call("describe", request)
         else:
             import json
 

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,6 +200,29 @@ def run_task(address: str, token: str, apps: AppCache, insecure: bool = True) ->
     return status == SubStatus.COMPLETED
 
 
+def warm_worker(supernode: int) -> threading.Thread | None:
+    """Start the node's worker (``fedpeft.engine.flower_worker``) in the background, so that its
+    imports are done before the node's first message; nothing when the worker is turned off
+    (``FEDPEFT_NODE_WORKER=0``) or left to the first message (``FEDPEFT_NODE_WARM=0``, the
+    benchmark's baseline). A failure here is only logged: the first message starts the worker
+    again and reports what goes wrong."""
+    from fedpeft.engine.flower_client import use_worker
+    from fedpeft.engine.flower_worker import NodeWorker
+
+    if not use_worker() or os.environ.get("FEDPEFT_NODE_WARM", "1") == "0":
+        return None
+
+    def start() -> None:
+        try:
+            NodeWorker(supernode).warm()
+        except Exception as err:  # noqa: BLE001 - the first message tries again
+            log.warning("the node's worker did not start ahead of the first message: %s", err)
+
+    thread = threading.Thread(target=start, name="warm-worker", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve(
     address: str,
     secret: bytes | None = None,
@@ -227,6 +251,8 @@ def serve(
         retry_invoker=retries(),
     )
     apps = AppCache()
+    if parent_pid is not None:
+        warm_worker(parent_pid)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     try:
         while not stop():

@@ -4,8 +4,9 @@ tokenised rows and the clients' persistent state across messages.
 Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message a SuperNode receives;
 importing torch and transformers and building the job there cost seconds per message. So the
 ClientApp (``fedpeft.engine.flower_client``) only relays: it hands the message's tensors and
-settings to this worker over a Unix socket and returns the answer. The first message of a run
-starts the worker; later ones find it. The worker serves one request at a time and ends when
+settings to this worker over a Unix socket and returns the answer. fedpeft's executor starts the
+worker when its node starts, so its imports are done before the first message; without the
+executor the first message starts it; later ones find it. The worker serves one request at a time and ends when
 its SuperNode's process is gone (a restarted node starts a fresh one) or after
 ``IDLE_S`` without a request.
 
@@ -63,18 +64,25 @@ def runtime_dir() -> Path:
 
 
 class NodeWorker:
-    """The ClientApp's handle on its node's worker for this run (``config`` and ``data_path``)
-    under the SuperNode that started this process."""
+    """The ClientApp's handle on its node's worker: one per SuperNode process, serving every
+    run on the node (it keeps one run's job at a time: a node that alternates between runs
+    rebuilds it). ``supernode``: the node's PID (default: this process's parent, as a
+    ``flwr-clientapp`` process's is its node's)."""
 
-    def __init__(self, config_yaml: str, data_path: str, supernode: int | None = None) -> None:
-        self.supernode = supernode or os.getppid()  # flwr-clientapp's parent: the SuperNode
-        key = hashlib.sha256(f"{config_yaml}\0{data_path}\0{self.supernode}".encode())
+    def __init__(self, supernode: int | None = None) -> None:
+        self.supernode = supernode or os.getppid()
+        key = hashlib.sha256(f"fedpeft-node-worker\0{self.supernode}".encode())
         self.name = key.hexdigest()[:20]
         folder = runtime_dir()
         self.socket = folder / f"{self.name}.sock"
         self.key_path = folder / f"{self.name}.key"
         self.log = folder / f"{self.name}.log"
         self.spawn_s = 0.0  # seconds this call spent starting the worker
+
+    def warm(self) -> None:
+        """Start the worker now if there is none (its imports done before the first message
+        needs them): fedpeft's executor does so when its node starts."""
+        self.call("ping", {})
 
     def call(self, kind: str, request: dict[str, Any]) -> Any:
         """Send one request, return the worker's answer (starting the worker if needed)."""

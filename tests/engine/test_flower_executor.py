@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from fedpeft.engine.flower_deploy import (
@@ -21,6 +22,7 @@ from fedpeft.engine.flower_deploy import (
     write_secret,
 )
 from fedpeft.engine.flower_executor import serve
+from fedpeft.engine.flower_worker import NodeWorker
 
 
 @pytest.fixture
@@ -87,15 +89,25 @@ def test_an_unreadable_secret_is_one_line_and_exit_2(tmp_path):
     ]
 
 
-def test_the_executor_ends_with_its_supernode(supernode):
+def test_the_executor_starts_its_nodes_worker_and_ends_with_its_supernode(supernode):
     proc, port, secret = supernode
     serving = executor(port, secret, proc.pid)
+    worker = NodeWorker(supernode=proc.pid)
     try:
-        time.sleep(2)  # let it start polling
+        deadline = time.monotonic() + 60
+        while not worker.socket.exists():  # the executor starts the node's worker at once
+            assert serving.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        worker_pid = worker.call("ping", {})
+        assert worker.spawn_s == 0.0  # found running: no message had to start it
         assert serving.poll() is None
         proc.kill()
         proc.wait()  # reaped, as a shell reaps it (a zombie's PID still exists)
         assert serving.wait(timeout=30) == 0  # the node is gone: it ends, quietly
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(worker_pid) and psutil.Process(worker_pid).status() != "zombie":
+            assert time.monotonic() < deadline, "the node's worker outlived its node"
+            time.sleep(0.2)
     finally:
         serving.kill()
     assert sys.executable in executor_argv(port, secret, proc.pid)  # this interpreter's fedpeft

@@ -44,23 +44,31 @@ def wait_gone(pid: int, seconds: float = 30) -> bool:
     return False
 
 
-def test_one_worker_serves_every_message_until_its_supernode_ends(supernode):
-    worker = NodeWorker("config-a", "/data/a", supernode=supernode.pid)
+@pytest.fixture
+def other_supernode():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_one_worker_serves_every_message_until_its_supernode_ends(supernode, other_supernode):
+    worker = NodeWorker(supernode=supernode.pid)
     pid = worker.call("ping", {})
     assert worker.spawn_s > 0  # this call started it
-    again = NodeWorker("config-a", "/data/a", supernode=supernode.pid)
+    again = NodeWorker(supernode=supernode.pid)
     assert again.call("ping", {}) == pid and again.spawn_s == 0.0  # found, not started
-    other = NodeWorker("config-b", "/data/a", supernode=supernode.pid)
+    other = NodeWorker(supernode=other_supernode.pid)
     other_pid = other.call("ping", {})
-    assert other_pid != pid  # another run (or another node's data): another worker
+    assert other_pid != pid  # another node: another worker
     supernode.kill()
     supernode.wait()
-    assert wait_gone(pid) and wait_gone(other_pid)
-    assert not worker.socket.exists()
+    assert wait_gone(pid) and not worker.socket.exists()
+    assert other.call("ping", {}) == other_pid  # the other node's goes on
 
 
 def test_a_failed_request_is_one_line_and_the_worker_goes_on(supernode):
-    worker = NodeWorker("config-c", "", supernode=supernode.pid)
+    worker = NodeWorker(supernode=supernode.pid)
     pid = worker.call("ping", {})
     with pytest.raises(WorkerError, match="ValueError: unknown request 'nonsense'"):
         worker.call("nonsense", {})
@@ -68,7 +76,7 @@ def test_a_failed_request_is_one_line_and_the_worker_goes_on(supernode):
 
 
 def test_the_worker_refuses_a_caller_without_its_key(supernode):
-    worker = NodeWorker("config-d", "", supernode=supernode.pid)
+    worker = NodeWorker(supernode=supernode.pid)
     pid = worker.call("ping", {})
     with pytest.raises(Exception, match="digest|authentication|Authentication"):
         Client(str(worker.socket), family="AF_UNIX", authkey=b"not the key")
@@ -87,7 +95,7 @@ def test_training_on_the_worker_equals_training_in_process(supernode, toy_data):
     settings = {"round": 1, "cid": 1}
     expected, _, _ = flower.train_arrays(config_yaml, settings, arrays)
     flower._JOBS.clear()  # the worker builds its own job from the YAML
-    sent, metrics = NodeWorker(config_yaml, "", supernode=supernode.pid).call(
+    sent, metrics = NodeWorker(supernode=supernode.pid).call(
         "train", {"config": config_yaml, "settings": settings, "arrays": arrays, "data_path": None}
     )
     assert sent.keys() == expected.keys()
