@@ -3,11 +3,14 @@
 Two workloads, MiniLM + LoRA on AG News, seq 64:
 - ``training``: 5 clients, all in every round, 3 rounds, ``--steps`` local steps of batch 16
   (training dominates); embedded, Flower simulation, and a loopback deployment (``fedpeft flower
-  local``, one SuperNode per client, each on its own rows) four ways: as shipped (each node's
+  local``, one SuperNode per client, each on its own rows) five ways: as shipped (each node's
   ClientApps run in fedpeft's long-lived executor, ``fedpeft.engine.flower_executor``, and hand
   the work to the node worker that keeps the model and rows, ``fedpeft.engine.flower_worker``;
-  a message's tensors travel packed in one Array, ``fedpeft.engine.flower_arrays``); with an
-  Array per tensor, as Flower's ``ArrayRecord`` has them (``FEDPEFT_FLOWER_PACK=0``);
+  a message's tensors travel packed in one Array, ``fedpeft.engine.flower_arrays``; the
+  worker starts with its node and a round's messages go out before the round before it is
+  evaluated); with neither of the last two (``flower.send_ahead: false``,
+  ``FEDPEFT_NODE_WARM=0``); with an Array per tensor, as Flower's ``ArrayRecord`` has them
+  (``FEDPEFT_FLOWER_PACK=0``);
   with Flower's own process per message (``FEDPEFT_NODE_EXECUTOR=0``, the worker still there);
   and with neither (``FEDPEFT_NODE_WORKER=0`` too: every message imports the engine and builds
   the job in its own process);
@@ -87,9 +90,39 @@ def tree_memory(root: psutil.Process) -> int:
     return total
 
 
-def measure(argv: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run a command; its wall seconds, peak memory of its process tree, and process count."""
+ROLES = (  # a process's role, by what its command line holds (first match)
+    ("flower-superlink", "superlink"),
+    ("flower-supernode", "supernodes"),
+    ("flower_executor", "executors"),
+    ("flower executor", "executors"),
+    ("flower_worker", "workers"),
+    ("flwr-serverapp", "serverapp"),
+    ("flwr-simulation", "simulation"),
+    ("flwr-clientapp", "clientapps"),
+    ("ray::", "ray"),
+    ("/ray/", "ray"),
+    ("flwr", "flwr cli"),
+)
+
+
+def role(proc: psutil.Process, root: psutil.Process) -> str:
+    if proc.pid == root.pid:
+        return "fedpeft command"
+    try:
+        line = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "other"
+    return next((name for key, name in ROLES if key in line), "other")
+
+
+def measure(argv: list[str], log: Path, env: dict | None = None, run: Path | None = None) -> dict:
+    """Run a command; its wall seconds, peak memory of its process tree, process count, the CPU
+    seconds of each role of process (sampled every 0.5 s: a process's last half second may be
+    missed) and, from the run folder's metrics file, when its first and last rounds were
+    written (seconds from the start)."""
     peak, most = 0, 0
+    cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds so far)
+    written: list[float] = []  # when metrics.jsonl grew
     started = time.perf_counter()
     with open(log, "w") as out:
         env = {**os.environ, **(env or {})}
@@ -99,12 +132,26 @@ def measure(argv: list[str], log: Path, env: dict | None = None) -> dict:
 
         def sample() -> None:
             nonlocal peak, most
+            size = 0
             while not done.is_set():
                 try:
                     peak = max(peak, tree_memory(root))
-                    most = max(most, 1 + len(root.children(recursive=True)))
+                    procs = [root, *root.children(recursive=True)]
+                    most = max(most, len(procs))
                 except psutil.NoSuchProcess:
                     return
+                for child in procs:
+                    try:
+                        times = child.cpu_times()
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    name = cpu[child.pid][0] if child.pid in cpu else role(child, root)
+                    cpu[child.pid] = (name, times.user + times.system)
+                metrics = run / "metrics.jsonl" if run else None
+                grown = metrics.stat().st_size if metrics and metrics.is_file() else 0
+                if grown > size:
+                    size = grown
+                    written.append(time.perf_counter() - started)
                 time.sleep(0.5)
 
         sampler = threading.Thread(target=sample)
@@ -115,7 +162,37 @@ def measure(argv: list[str], log: Path, env: dict | None = None) -> dict:
     wall = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({code}); see {log}")
-    return {"wall_s": wall, "peak_bytes": peak, "processes": most}
+    by_role: dict[str, float] = {}
+    for name, seconds in cpu.values():
+        by_role[name] = by_role.get(name, 0.0) + seconds
+    return {
+        "wall_s": wall,
+        "peak_bytes": peak,
+        "processes": most,
+        "cpu_s": by_role,
+        "first_row_s": written[0] if written else None,
+        "last_row_s": written[-1] if written else None,
+    }
+
+
+def time_split(r: dict) -> dict[str, float] | None:
+    """Where a run's wall clock went: before its first round began, in its rounds (the clients'
+    part: waiting on their answers; the server's: the rest, aggregation and evaluation), between
+    rounds, and after its last round's row."""
+    metrics = rows(r["folder"])
+    if r.get("first_row_s") is None or not metrics:
+        return None
+    in_rounds = sum(m["wall_time_s"] for m in metrics)
+    clients = sum(m.get("train_wall_s") or 0.0 for m in metrics)
+    before = r["first_row_s"] - metrics[0]["wall_time_s"]
+    span = r["last_row_s"] - before
+    return {
+        "before": before,
+        "clients": clients,
+        "server": in_rounds - clients,
+        "between": max(0.0, span - in_rounds),
+        "after": r["wall_s"] - r["last_row_s"],
+    }
 
 
 def rows(run: Path) -> list[dict]:
@@ -132,8 +209,9 @@ def mean_of(run: Path, key: str, first_round_only: bool = False) -> float | None
 def commands(config: Path, nodes: int) -> dict[str, tuple[list[str], dict]]:
     """Each engine's command line and extra environment."""
     fedpeft = [sys.executable, "-m", "fedpeft.cli"]
-    deploy = [*fedpeft, "flower", "local", str(config), "--set", "flower.insecure=true"]
-    deploy += ["--set", f"flower.min_nodes={nodes}", "--nodes", str(nodes), "--out"]
+    local = [*fedpeft, "flower", "local", str(config), "--set", "flower.insecure=true"]
+    local += ["--set", f"flower.min_nodes={nodes}", "--nodes", str(nodes)]
+    deploy = [*local, "--out"]
     return {
         "embedded": ([*fedpeft, "run", str(config), "--quiet", "--out"], {}),
         "flower simulation": (
@@ -142,6 +220,10 @@ def commands(config: Path, nodes: int) -> dict[str, tuple[list[str], dict]]:
         ),
         "flower deployment": (deploy, {}),
         "flower deployment, an Array per tensor": (deploy, {"FEDPEFT_FLOWER_PACK": "0"}),
+        "flower deployment, rounds one after the other, worker started by the first message": (
+            [*local, "--set", "flower.send_ahead=false", "--out"],
+            {"FEDPEFT_NODE_WARM": "0"},
+        ),
         "flower deployment, process per message": (deploy, {"FEDPEFT_NODE_EXECUTOR": "0"}),
         "flower deployment, no executor or worker": (
             deploy,
@@ -155,6 +237,7 @@ ENGINES = {
         "embedded",
         "flower simulation",
         "flower deployment",
+        "flower deployment, rounds one after the other, worker started by the first message",
         "flower deployment, an Array per tensor",
         "flower deployment, process per message",
         "flower deployment, no executor or worker",
@@ -187,7 +270,7 @@ def main() -> None:
             argv, env = lines[engine]
             folder = work / f"{name}-{engine.replace(' ', '-').replace(',', '')}"
             print(f"{name}: running {engine} ...", flush=True)
-            result = measure([*argv, str(folder)], work / f"{folder.name}.log", env)
+            result = measure([*argv, str(folder)], work / f"{folder.name}.log", env, folder)
             summary = json.loads((folder / "summary.json").read_text())
             result.update(
                 accuracy=summary["final_accuracy"],
@@ -211,7 +294,10 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "command and all processes under it, sampled every 0.5 s. Deployment: "
         "`fedpeft flower local` with one SuperNode per client on 127.0.0.1, no TLS, each on its "
         "own rows, each node's ClientApps in fedpeft's executor handing the work to the node's "
-        "worker, a message's tensors packed in one Array; 'an Array per tensor' is the same "
+        "worker (started as the node starts), a message's tensors packed in one Array, a "
+        "round's messages sent before the round before it is evaluated; 'rounds one after the "
+        "other, worker started by the first message' is the same with "
+        "`flower.send_ahead: false` and `FEDPEFT_NODE_WARM=0`; 'an Array per tensor' is the same "
         "with `FEDPEFT_FLOWER_PACK=0` (Flower's own `ArrayRecord` layout: an object, and a "
         "request on each hop, per tensor); "
         "'process per message' is the same with `FEDPEFT_NODE_EXECUTOR=0` (Flower "
@@ -236,6 +322,26 @@ def report(results: dict, args: argparse.Namespace) -> str:
                 f"{r['wall_s'] / base['wall_s']:.2f}x | "
                 f"{r['peak_bytes'] / base['peak_bytes']:.2f}x |"
             )
+        lines += [
+            "",
+            "Where the wall clock went: *before* the first round began (imports, the job, "
+            "processes starting, nodes connecting), the rounds' *clients* (waiting on their "
+            "answers) and *server* (aggregation, evaluation, the round's row and checkpoint), "
+            "*after* the last round's row (summary, plots, processes stopping); and the CPU "
+            "seconds of each kind of process (sampled every 0.5 s).",
+            "",
+            "| engine | before | clients | server | between rounds | after | CPU seconds by process |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for engine, r in runs.items():
+            split = time_split(r)
+            cells = [DASH] * 5 if split is None else [f"{v:.1f} s" for v in split.values()]
+            cpu = ", ".join(
+                f"{name} {seconds:.0f}"
+                for name, seconds in sorted(r["cpu_s"].items(), key=lambda kv: -kv[1])
+                if seconds >= 0.5
+            )
+            lines.append(f"| {engine} | {' | '.join(cells)} | {cpu} |")
         breakdown = [
             (engine, r) for engine, r in runs.items() if engine.startswith("flower deployment")
         ]
