@@ -1,4 +1,4 @@
-"""A deployed SuperNode's worker: one process per node and run that keeps the model, the node's
+"""A deployed SuperNode's worker: one process per node that keeps the model, the node's
 tokenised rows and the clients' persistent state across messages.
 
 Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message a SuperNode receives;
