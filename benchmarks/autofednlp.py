@@ -55,15 +55,16 @@ cached activations ~80 rows/s (0.4 s per batch-32 step; 3 layers ~55), evaluatio
                        ~270/200/185-215. ~550-600 rounds x 80 rows per later period at 1.2-2.5 s:
                        ag_news ~1 + 12 + 17 + 22 min for 4 periods, cap 5 (~28 more); at seq 128
                        about twice that
-    autofednlp_nocache period 1 only, every row through all 6 layers: ~3-5 min
-    autofednlp_cache   period 1 only, cached: ~1-2 min
+    autofednlp_nocache period 1 only, every row through all 6 layers: measured 2.5 and 15.1 min
+    autofednlp_cache   period 1 only, cached: measured 1.8 min (ag_news), 3.0 min (20newsgroups)
     total              ag_news ~2.5 h of one core expected, 20newsgroups ~3.5 h (seq 128 costs
                        ~2x per row): ~6 core-hours, two cells at a time from one queue (the two
                        AutoFedNLP runs first, the longest): ~3 h. These are estimates from the
                        rates above; trials.jsonl and the wall times of the first sitting replace
                        them. The first sitting's 20newsgroups AutoFedNLP hit 5 periods with
                        validation still gaining (0.9600, 0.9625, 0.9650 over periods 3-5, 67 min
-                       of one core), and it was the best run on validation: its cap is 10.
+                       of one core), and it was the best run on validation: its cap is 10;
+                       rerun with it, it converged after 6 periods (validation best in 4).
 
     fedpeft bench autofednlp [--quick] [--out benchmarks/results]    # every cell, two at a time
     fedpeft bench autofednlp --only dataset=ag_news --only run=vanilla,ftq   # a sitting's share
