@@ -497,7 +497,7 @@ def rounds_cell(f: dict[str, Any]) -> str:
 
 
 def stopped_cell(name: str, f: dict[str, Any]) -> str:
-    if name in ("autofednlp_cache", "autofednlp_nocache"):
+    if name in FIRST_PERIODS:
         return "first period(s) only"
     return "cap hit" if f["cap_hit"] else ("converged" if f["converged"] else h.DASH)
 

@@ -200,7 +200,7 @@ def run_task(address: str, token: str, apps: AppCache, insecure: bool = True) ->
     return status == SubStatus.COMPLETED
 
 
-def warm_worker(supernode: int) -> threading.Thread | None:
+def warm_worker(supernode: int) -> None:
     """Start the node's worker (``fedpeft.engine.flower_worker``) in the background, so that its
     imports are done before the node's first message; nothing when the worker is turned off
     (``FEDPEFT_NODE_WORKER=0``) or left to the first message (``FEDPEFT_NODE_WARM=0``, the
@@ -210,7 +210,7 @@ def warm_worker(supernode: int) -> threading.Thread | None:
     from fedpeft.engine.flower_worker import NodeWorker
 
     if not use_worker() or os.environ.get("FEDPEFT_NODE_WARM", "1") == "0":
-        return None
+        return
 
     def start() -> None:
         try:
@@ -218,9 +218,7 @@ def warm_worker(supernode: int) -> threading.Thread | None:
         except Exception as err:  # noqa: BLE001 - the first message tries again
             log.warning("the node's worker did not start ahead of the first message: %s", err)
 
-    thread = threading.Thread(target=start, name="warm-worker", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=start, name="warm-worker", daemon=True).start()
 
 
 def serve(

@@ -725,22 +725,25 @@ def next_round_certain(job: Job, history: list[dict[str, Any]], rnd: int) -> boo
     stop = config.early_stop
     if stop is None:
         return True
-    best, best_round = None, 0
-    for row in history:  # as ``converged`` finds the last round that gained
-        val = row.get("val_accuracy")
-        if val is not None and (best is None or val > best + stop.min_delta):
-            best, best_round = val, row["round"]
+    best, best_round = last_gain(history, stop.min_delta)
     return best is None or rnd - best_round < stop.patience
 
 
-def converged(history: list[dict[str, Any]], patience: int, min_delta: float = 0.0) -> str | None:
-    """Why a run has converged (``early_stop``), else None: ``patience`` rounds have passed since
-    the last round whose validation accuracy beat every earlier one by more than ``min_delta``."""
+def last_gain(history: list[dict[str, Any]], min_delta: float = 0.0) -> tuple[float | None, int]:
+    """The best validation accuracy so far and the round of the last one that beat every
+    earlier one by more than ``min_delta`` (None, 0: no validation score yet)."""
     best, best_round = None, 0
     for row in history:
         val = row.get("val_accuracy")
         if val is not None and (best is None or val > best + min_delta):
             best, best_round = val, row["round"]
+    return best, best_round
+
+
+def converged(history: list[dict[str, Any]], patience: int, min_delta: float = 0.0) -> str | None:
+    """Why a run has converged (``early_stop``), else None: ``patience`` rounds have passed since
+    the last round whose validation accuracy beat every earlier one by more than ``min_delta``."""
+    best, best_round = last_gain(history, min_delta)
     if best is None or not history or history[-1]["round"] - best_round < patience:
         return None
     return (

@@ -19,12 +19,16 @@ from fedpeft.peft.base import trainable_state
 from tests.conftest import tiny_config
 
 
-@pytest.fixture
-def supernode():
+def sleeping_process():
+    """A process that stands in for a SuperNode until killed."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     yield proc
     proc.kill()
     proc.wait()
+
+
+supernode = pytest.fixture(sleeping_process, name="supernode")
+other_supernode = pytest.fixture(sleeping_process, name="other_supernode")
 
 
 def alive(pid: int) -> bool:
@@ -42,14 +46,6 @@ def wait_gone(pid: int, seconds: float = 30) -> bool:
             return True
         time.sleep(0.1)
     return False
-
-
-@pytest.fixture
-def other_supernode():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 def test_one_worker_serves_every_message_until_its_supernode_ends(supernode, other_supernode):
