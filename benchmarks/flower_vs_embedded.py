@@ -273,7 +273,7 @@ def main() -> None:
             result = measure([*argv, str(folder)], work / f"{folder.name}.log", env, folder)
             summary = json.loads((folder / "summary.json").read_text())
             result.update(
-                accuracy=summary["final_accuracy"],
+                accuracy=summary["test_accuracy_at_best_val"],
                 bytes=summary["bytes_up_total"] + summary["bytes_down_total"],
                 folder=folder,
             )
@@ -311,7 +311,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
             "",
             f"### {name}",
             "",
-            "| engine | wall clock | peak memory (all processes) | processes | final acc | bytes "
+            "| engine | wall clock | peak memory (all processes) | processes | acc (test, round best on validation) | bytes "
             "| wall vs embedded | memory vs embedded |",
             "|---|---|---|---|---|---|---|---|",
         ]
