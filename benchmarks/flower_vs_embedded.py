@@ -220,6 +220,7 @@ def commands(config: Path, nodes: int) -> dict[str, tuple[list[str], dict]]:
         ),
         "flower deployment": (deploy, {}),
         "flower deployment, an Array per tensor": (deploy, {"FEDPEFT_FLOWER_PACK": "0"}),
+        "flower deployment, each worker imports the engine": (deploy, {"FEDPEFT_NODE_FORK": "0"}),
         "flower deployment, rounds one after the other, worker started by the first message": (
             [*local, "--set", "flower.send_ahead=false", "--out"],
             {"FEDPEFT_NODE_WARM": "0"},
@@ -237,6 +238,7 @@ ENGINES = {
         "embedded",
         "flower simulation",
         "flower deployment",
+        "flower deployment, each worker imports the engine",
         "flower deployment, rounds one after the other, worker started by the first message",
         "flower deployment, an Array per tensor",
         "flower deployment, process per message",

@@ -515,10 +515,41 @@ def _server_note(line: str) -> None:
         print(line.rstrip(), file=sys.stderr, flush=True)
 
 
+def _written(path: Path):
+    """Whether ``path`` was written (created or replaced) since this call: the final weights,
+    the last file a run writes."""
+    before = path.stat().st_mtime_ns if path.is_file() else None
+
+    def written() -> bool:
+        try:
+            return path.stat().st_mtime_ns != before
+        except FileNotFoundError:
+            return False
+
+    return written
+
+
 def cmd_flower_local(args: argparse.Namespace) -> int:
     """The run as a real deployment on this machine: a SuperLink and SuperNode processes.
     Ctrl-C stops every process (the SuperLink first), keeps the completed rounds and prints the
     command that resumes the run on a local deployment again."""
+    from fedpeft.engine.flower_worker import WorkerHost, use_worker_host
+
+    # The nodes' workers are forked from one process that imports the engine once; started
+    # first, it imports on the other core while this one reads the config and the data.
+    host = None
+    if use_worker_host() and args.nodes != 0:
+        host = WorkerHost(
+            {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1"}
+        )
+    try:
+        return _flower_local(args, host)
+    finally:
+        if host is not None:
+            host.stop()
+
+
+def _flower_local(args: argparse.Namespace, host) -> int:
     from fedpeft.config import ConfigError
     from fedpeft.engine.flower import check_supported
     from fedpeft.engine.flower_data import split_for_nodes
@@ -563,11 +594,11 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
     if not config.flower.insecure:
         creds = make_credentials(work / "credentials", num_nodes=nodes)
     try:
-        with LocalFederation(work, nodes, creds, node_data) as federation:
+        with LocalFederation(work, nodes, creds, node_data, host=host) as federation:
             print(
                 f"SuperLink on {federation.address}, {nodes} SuperNodes, each on its own data in {work / 'data'}; logs in {work}"
             )
-            federation.run(app, timeout=args.timeout, echo=_server_note)
+            federation.run(app, args.timeout, _server_note, finished=_written(run_dir.weights_path))
     except FlowerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from fedpeft.engine.flower import (
     stop_leftovers,
 )
 from fedpeft.engine.flower_data import DATA_PATH, NAME
+from fedpeft.engine.flower_worker import HOST_ENV, WorkerHost, use_worker_host
 
 CONNECTION = "fedpeft"  # the SuperLink connection's name in the app's flwr-home/config.toml
 
@@ -402,6 +404,7 @@ class LocalFederation:
         node_data: list[Path] | None = None,
         simulation: bool = False,
         env: dict[str, str] | None = None,
+        host: WorkerHost | None = None,
     ):
         self.work = Path(work)
         self.num_nodes = num_nodes
@@ -415,6 +418,8 @@ class LocalFederation:
         self.superlink: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
         self.executors: list[subprocess.Popen] = []  # node i's ClientApp executor (if any)
+        self.host = host  # the nodes' workers are forked from it (one is started if None)
+        self.run_ended = False  # the last run() saw its run end (not stopped, not failed)
         self.logs: dict[int, Path] = {}
         # every process seen under ours while a run went on: one whose parent dies (a SuperLink
         # killed from outside) is re-parented away from our tree, and still stopped on exit
@@ -426,6 +431,8 @@ class LocalFederation:
         try:
             ca = self.creds.ca_cert if self.creds else None
             write_connection(self.flwr_home, self.address, str(ca) if ca else None)
+            if self.num_nodes > 0 and (self.host is not None or use_worker_host()):
+                self.start_worker_host()
             argv = superlink_argv("127.0.0.1", self.port, self.creds, self.simulation)
             self.superlink = self._spawn(argv, "superlink")
             self._wait_for_port()
@@ -441,12 +448,18 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         # The SuperLink (and the ServerApp process it started) first: a ServerApp that outlived
-        # its nodes could record a round whose clients were stopped under it.
-        if self.superlink is not None:
+        # its nodes could record a round whose clients were stopped under it. Once the run has
+        # ended there is nothing left to record: every process at once (each takes 1-3 s to go).
+        rest = [*self.nodes, *self.executors, *([self.host.proc] if self.host else [])]
+        if self.superlink is not None and self.run_ended and exc[0] is None:
+            rest.insert(0, self.superlink)
+        elif self.superlink is not None:
             stop_process(self.superlink)
-        # then every node and executor at once: each takes about half a second to go
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(stop_process, [*self.nodes, *self.executors]))
+        # then every node, executor and the workers' host at once
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(stop_process, rest))
+        if self.host is not None:
+            self.host.stop()  # its files
         orphans = [p for p in self.seen.values() if _running(p)]
         for orphan in orphans:
             try:
@@ -458,10 +471,12 @@ class LocalFederation:
         self.nodes = []
         self.executors = []
         self.superlink = None
+        self.host = None
+        self.run_ended = False
 
     def remember(self) -> None:
         """Note every process now under the SuperLink and the nodes (see ``seen``)."""
-        for proc in [self.superlink, *self.nodes, *self.executors]:
+        for proc in [self.superlink, *self.nodes, *self.executors, self.host and self.host.proc]:
             if proc is None:
                 continue
             try:
@@ -498,6 +513,17 @@ class LocalFederation:
         raise FlowerError(f"flower-superlink did not listen within {timeout:.0f}s")
 
     # -- nodes ------------------------------------------------------------------------------------
+    def start_worker_host(self) -> None:
+        """The process the nodes' workers are forked from, unless one was given: it imports the
+        engine once for all of them (the nodes find it in their environment)."""
+        if self.host is None:
+            self.host = WorkerHost(self.node_env())
+        if not self.host.ready():  # the workers start on their own, as on separate hosts
+            log = self.host.socket.with_suffix(".log")
+            print(f"fedpeft: the worker host did not start; see {log}")
+            self.host.stop()
+            self.host = None
+
     def start_node(self, key: Path | None = None, data: Path | None = None) -> subprocess.Popen:
         """One more SuperNode (authenticating with ``key`` when given) on its own ``data``."""
         ca = self.creds.ca_cert if self.creds else None
@@ -520,11 +546,13 @@ class LocalFederation:
     def node_env(self) -> dict[str, str]:
         """A node's environment: its share of this host's cores for torch (the nodes of a
         loopback federation train at the same time; each taking every core would oversubscribe
-        them), unless ``OMP_NUM_THREADS`` is set already."""
-        if "OMP_NUM_THREADS" in self.env:
-            return self.env
-        share = max(1, (os.cpu_count() or 1) // max(1, self.num_nodes))
-        return {**self.env, "OMP_NUM_THREADS": str(share)}
+        them), unless ``OMP_NUM_THREADS`` is set to a number already."""
+        env = dict(self.env)
+        if self.host is not None:
+            env[HOST_ENV] = str(self.host.socket)
+        if not env.get("OMP_NUM_THREADS"):
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.num_nodes)))
+        return env
 
     def register(self, key: Path) -> None:
         """Register a SuperNode's public key (``KEY.pub``) with the SuperLink."""
@@ -557,11 +585,14 @@ class LocalFederation:
         echo=None,
         extra: list[str] | None = None,
         stop: threading.Event | None = None,
+        finished: Callable[[], bool] | None = None,
     ) -> str:
         """Submit the app with ``flwr run`` (plus ``extra`` arguments) and wait until the run
         ends (at most ``timeout`` seconds); returns its log, also written to ``flwr-run.log``.
         ``echo`` is called with each line as it arrives; once ``stop`` is set the CLI is stopped
-        and ``Interrupted`` raised."""
+        and ``Interrupted`` raised. Once ``finished()`` says the ServerApp wrote its last file,
+        the run is over: the CLI is stopped rather than waited for (Flower takes seconds to
+        notice that the ServerApp ended)."""
         argv = ["flwr", "run", str(app_dir), CONNECTION, "--stream", *(extra or [])]
         proc = subprocess.Popen(
             argv,
@@ -582,12 +613,17 @@ class LocalFederation:
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
+        done_early = False
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             ticks = 0
             while proc.poll() is None:
                 if stop is not None and stop.is_set():
                     raise Interrupted("the run was stopped")
+                if finished is not None and finished():
+                    done_early = True
+                    stop_process(proc)
+                    break
                 if deadline is not None and time.monotonic() > deadline:
                     raise FlowerError(f"flwr run took more than {timeout:.0f}s")
                 if ticks % 10 == 0:
@@ -601,6 +637,7 @@ class LocalFederation:
             reader.join(timeout=10)
             (self.work / "flwr-run.log").write_text("".join(lines))
         output = "".join(lines)
-        if proc.returncode != 0:
+        if proc.returncode != 0 and not done_early:
             raise FlowerError(f"flwr run failed: {output[-800:]}")
+        self.run_ended = True
         return output

@@ -10,6 +10,13 @@ executor the first message starts it; later ones find it. The worker serves one 
 its SuperNode's process is gone (a restarted node starts a fresh one) or after
 ``IDLE_S`` without a request.
 
+On a host that runs several nodes (``fedpeft flower local``: a loopback federation) every
+worker would pay the same imports (~6.6 CPU-seconds: torch, transformers, the engine). There a
+*worker host* (``serve_host``) imports them once and forks each node's worker from itself: the
+node's environment names it (``FEDPEFT_WORKER_HOST``: its socket), and a worker it forks is the
+same program as one started on its own, in a session of its own, watching its SuperNode. Where
+the host cannot be reached the worker is started on its own.
+
 The socket and its key live in a folder only this user can open (``runtime_dir``); the key
 authenticates every connection (``multiprocessing.connection``), so no other local user can
 talk to the worker. Its log is ``<runtime_dir>/<name>.log``.
@@ -24,7 +31,9 @@ import argparse
 import fcntl
 import hashlib
 import os
+import random
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +46,7 @@ from typing import Any
 
 IDLE_S = 1800.0  # a worker with no request for this long ends
 START_TIMEOUT_S = 300.0  # how long a ClientApp waits for a worker it started to listen
+HOST_ENV = "FEDPEFT_WORKER_HOST"  # the socket of the worker host that forks this node's worker
 
 
 class WorkerError(RuntimeError):
@@ -117,27 +127,59 @@ class NodeWorker:
         fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
-        argv = [sys.executable, "-m", "fedpeft.engine.flower_worker", "--socket", str(self.socket)]
-        argv += ["--key", str(self.key_path), "--watch", str(self.supernode)]
-        with open(self.log, "ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives this message's process
-            )
+        pid = self._fork_from_host()
+        if pid is None:  # no worker host: a process of its own
+            argv = [sys.executable, "-m", "fedpeft.engine.flower_worker"]
+            argv += ["--socket", str(self.socket), "--key", str(self.key_path)]
+            argv += ["--watch", str(self.supernode)]
+            with open(self.log, "ab") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives this message's process
+                )
+            pid = proc.pid
+            exited = lambda: proc.poll() is not None  # noqa: E731
+        else:
+            exited = lambda: not _alive(pid)  # noqa: E731 - the host reaps its children
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if exited():
                 tail = self.log.read_text(errors="replace").strip().splitlines()[-1:]
                 raise WorkerError(f"the node's worker exited at start: {' '.join(tail)}")
             try:
                 return Client(str(self.socket), family="AF_UNIX", authkey=self._key())
             except (OSError, EOFError):
                 time.sleep(0.05)
-        proc.kill()
+        _kill(pid)
         raise WorkerError(f"the node's worker did not listen within {START_TIMEOUT_S:.0f}s")
+
+    def _fork_from_host(self) -> int | None:
+        """Ask the worker host named in the environment to fork this node's worker; its PID,
+        or None where there is no host (or it cannot be reached: the worker starts on its own)."""
+        host = os.environ.get(HOST_ENV)
+        if not host:
+            return None
+        request = {
+            "socket": str(self.socket),
+            "key": str(self.key_path),
+            "watch": self.supernode,
+            "log": str(self.log),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "FEDPEFT_"))},
+        }
+        try:
+            key = bytes.fromhex(Path(host).with_suffix(".key").read_text())
+            with Client(host, family="AF_UNIX", authkey=key) as conn:
+                conn.send(request)
+                status, answer = conn.recv()
+        except (OSError, EOFError, ValueError, AuthenticationError) as err:
+            print(f"fedpeft: the worker host {host} did not answer ({err}); starting the worker")
+            return None
+        if status != "ok":
+            raise WorkerError(f"the worker host could not fork the node's worker: {answer}")
+        return int(answer)
 
 
 # -- the worker process ---------------------------------------------------------------------------
@@ -171,9 +213,7 @@ def serve(socket: Path, key: bytes, watch: int, idle_s: float = IDLE_S) -> None:
     listener = Listener(str(socket), family="AF_UNIX", authkey=key)  # listen first, then import
     last = [time.monotonic()]
 
-    def watchdog() -> None:
-        while _alive(watch) and time.monotonic() - last[0] < idle_s:
-            time.sleep(1.0)
+    def end(*_signal: object) -> None:
         for path in (socket, *(socket.with_suffix(s) for s in (".key", ".lock"))):
             path.unlink(missing_ok=True)
         log = socket.with_suffix(".log")
@@ -181,6 +221,12 @@ def serve(socket: Path, key: bytes, watch: int, idle_s: float = IDLE_S) -> None:
             log.unlink(missing_ok=True)  # nothing said: nothing to keep
         os._exit(0)  # the listener's accept() does not wake for a closed socket
 
+    def watchdog() -> None:
+        while _alive(watch) and time.monotonic() - last[0] < idle_s:
+            time.sleep(1.0)
+        end()
+
+    signal.signal(signal.SIGTERM, end)  # stopped with its node's processes: no files left
     threading.Thread(target=watchdog, daemon=True).start()
     from fedpeft.engine import flower  # noqa: F401 - the imports, once, before any request
 
@@ -215,14 +261,163 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# -- the worker host ------------------------------------------------------------------------------
+def use_worker_host() -> bool:
+    """Whether a program that runs several nodes here (``fedpeft flower local``) forks their
+    workers from one worker host: yes unless ``FEDPEFT_NODE_FORK=0`` (each worker then imports
+    the engine itself, as on a host of its own) or the nodes have no worker
+    (``FEDPEFT_NODE_WORKER=0``)."""
+    env = os.environ
+    return env.get("FEDPEFT_NODE_FORK", "1") != "0" and env.get("FEDPEFT_NODE_WORKER", "1") != "0"
+
+
+class WorkerHost:
+    """A worker host (``serve_host``) as a process of its own, started by the program that runs
+    this host's nodes and watching it; the nodes find it through ``HOST_ENV``. Its socket, key
+    and log are in ``runtime_dir``. Start it early: it imports the engine while the rest starts."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.socket = runtime_dir() / f"host-{secrets.token_hex(8)}.sock"
+        key = self.socket.with_suffix(".key")
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+        argv = [sys.executable, "-m", "fedpeft.engine.flower_worker", "--host"]
+        argv += ["--socket", str(self.socket), "--key", str(key), "--watch", str(os.getpid())]
+        with open(self.socket.with_suffix(".log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the program, which stops it
+            )
+
+    def ready(self, timeout: float = 30.0) -> bool:
+        """Whether it listens (it does before it imports: a fraction of a second)."""
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists() and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return self.socket.exists()
+
+    def stop(self) -> None:
+        """End it (the workers it forked end with their nodes) and remove its files."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for suffix in (".sock", ".key"):
+            self.socket.with_suffix(suffix).unlink(missing_ok=True)
+        log = self.socket.with_suffix(".log")
+        if log.is_file() and log.stat().st_size == 0:
+            log.unlink(missing_ok=True)
+
+
+def serve_host(socket: Path, key: bytes, watch: int) -> None:
+    """Fork node workers on request (``NodeWorker._fork_from_host``) from this process, which
+    imports the engine once, until the process ``watch`` (whoever started the host) is gone."""
+    listener = Listener(str(socket), family="AF_UNIX", authkey=key)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers that end
+
+    def end(*_signal: object) -> None:
+        for path in (socket, socket.with_suffix(".key")):
+            path.unlink(missing_ok=True)
+        os._exit(0)
+
+    def watchdog() -> None:
+        while _alive(watch):
+            time.sleep(1.0)
+        end()
+
+    signal.signal(signal.SIGTERM, end)
+    threading.Thread(target=watchdog, daemon=True).start()
+    from fedpeft.engine import flower  # noqa: F401 - the imports every worker shares
+
+    while True:
+        try:
+            conn = listener.accept()
+        except (OSError, EOFError, AuthenticationError) as err:
+            print(f"fedpeft worker host: refused a connection: {err}", flush=True)
+            continue
+        with conn:
+            try:
+                request = conn.recv()
+                sys.stdout.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _become_worker(listener, conn, request)  # never returns
+                conn.send(("ok", pid))
+            except (OSError, EOFError, KeyError, TypeError, ValueError) as err:
+                print(f"fedpeft worker host: a request failed: {err!r}", flush=True)
+                try:
+                    conn.send(("error", f"{type(err).__name__}: {err}"))
+                except (OSError, EOFError):
+                    pass
+
+
+def _become_worker(listener: Listener, conn: Any, request: dict[str, Any]) -> None:
+    """In a child of the worker host: become the node's worker, as ``main`` would have started
+    it (a session of its own, its log as stdout and stderr, the node's thread settings)."""
+    code = 1
+    try:
+        conn.close()
+        listener.close()  # the host's socket file stays: only the host's own listener is closed
+        os.setsid()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the host's; ``serve`` sets the worker's
+        os.environ.update(request.get("env", {}))
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        random.seed()  # a fresh process's: the host's generators are no one's to share
+        import numpy as np
+        import torch
+
+        np.random.seed()
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if threads and threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))
+        key = bytes.fromhex(Path(request["key"]).read_text())
+        serve(Path(request["socket"]), key, int(request["watch"]))
+        code = 0
+    except BaseException as err:  # noqa: BLE001 - said in the node's worker log, then gone
+        print(f"fedpeft worker: could not start: {err!r}", flush=True)
+    finally:
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedpeft.engine.flower_worker")
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True, help="file holding the hex key")
     parser.add_argument("--watch", type=int, required=True, help="end when this process ends")
     parser.add_argument("--idle-s", type=float, default=IDLE_S)
+    parser.add_argument(
+        "--host", action="store_true", help="be the worker host: fork node workers on request"
+    )
     args = parser.parse_args(argv)
-    serve(args.socket, bytes.fromhex(args.key.read_text()), args.watch, args.idle_s)
+    key = bytes.fromhex(args.key.read_text())
+    if args.host:
+        serve_host(args.socket, key, args.watch)
+    else:
+        serve(args.socket, key, args.watch, args.idle_s)
 
 
 if __name__ == "__main__":

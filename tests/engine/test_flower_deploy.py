@@ -24,6 +24,7 @@ from fedpeft.engine.flower_deploy import (
     make_node_key,
     write_app,
 )
+from fedpeft.engine.flower_worker import NodeWorker
 from fedpeft.engine.local import EmbeddedEngine
 from fedpeft.job import build_job
 from fedpeft.runs import RunDir
@@ -70,10 +71,16 @@ def test_two_supernodes_two_rounds(tmp_path, toy_data):
     app, data = deployed(tmp_path, raw)
     with LocalFederation(tmp_path / "fed", num_nodes=2, node_data=data) as federation:
         federation.run(app, timeout=600)
-        started = [*federation.nodes, *federation.executors]
+        host = federation.host
+        started = [*federation.nodes, *federation.executors, host.proc]
         pids = [p.pid for proc in [federation.superlink, *started] for p in family(proc)]
         node_logs = [federation.logs[node.pid].read_text() for node in federation.nodes]
+        workers = psutil.Process(host.proc.pid).children()
+        sockets = [NodeWorker(node.pid).socket for node in federation.nodes]
     assert_all_stopped(pids)
+    # each node's worker was forked from the one worker host, and none left a file behind
+    assert len(workers) == 2 and all(w.pid in pids for w in workers)
+    assert sockets and not any(path.exists() for path in [host.socket, *sockets])
     # each node's messages (its description, then its training rounds) ran in one long-lived
     # executor process: the ClientApp was loaded once per node, not once per message
     assert [log.count("Loading ClientApp") for log in node_logs] == [1, 1]

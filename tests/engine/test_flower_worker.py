@@ -3,6 +3,9 @@ here: a sleeping process stands in for the SuperNode the worker watches)."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import signal
 import stat
 import subprocess
 import sys
@@ -10,11 +13,12 @@ import time
 from multiprocessing.connection import Client
 
 import numpy as np
+import psutil
 import pytest
 
 from fedpeft.config import build_config, dump_config
 from fedpeft.engine import flower
-from fedpeft.engine.flower_worker import NodeWorker, WorkerError, runtime_dir
+from fedpeft.engine.flower_worker import HOST_ENV, NodeWorker, WorkerError, runtime_dir
 from fedpeft.peft.base import trainable_state
 from tests.conftest import tiny_config
 
@@ -29,6 +33,30 @@ def sleeping_process():
 
 supernode = pytest.fixture(sleeping_process, name="supernode")
 other_supernode = pytest.fixture(sleeping_process, name="other_supernode")
+
+
+def start_host(watch: int) -> tuple[subprocess.Popen, str]:
+    """A worker host watching ``watch``; (its process, its socket)."""
+    sock = runtime_dir() / f"host-test-{secrets.token_hex(4)}.sock"
+    sock.with_suffix(".key").write_text(secrets.token_hex(32))
+    argv = [sys.executable, "-m", "fedpeft.engine.flower_worker", "--host", "--socket", str(sock)]
+    argv += ["--key", str(sock.with_suffix(".key")), "--watch", str(watch)]
+    host = subprocess.Popen(argv)
+    deadline = time.monotonic() + 60
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return host, str(sock)
+
+
+@pytest.fixture
+def worker_host(monkeypatch):
+    """A worker host the node workers of this test are forked from."""
+    host, sock = start_host(os.getpid())
+    monkeypatch.setenv(HOST_ENV, sock)
+    yield host
+    host.terminate()
+    host.wait()
+    assert not os.path.exists(sock)  # a stopped host removes its socket and key
 
 
 def alive(pid: int) -> bool:
@@ -98,3 +126,48 @@ def test_training_on_the_worker_equals_training_in_process(supernode, toy_data):
     for name in expected:
         assert np.array_equal(sent[name], expected[name]), name
     assert metrics["cid"] == 1 and metrics["worker-s"] > 0
+
+
+def test_a_worker_host_forks_each_nodes_worker_in_a_session_of_its_own(
+    worker_host, supernode, other_supernode
+):
+    worker = NodeWorker(supernode=supernode.pid)
+    pid = worker.call("ping", {})
+    other_pid = NodeWorker(supernode=other_supernode.pid).call("ping", {})
+    assert other_pid != pid
+    for forked in (pid, other_pid):
+        assert psutil.Process(forked).ppid() == worker_host.pid
+        assert os.getsid(forked) == forked  # as a worker started on its own
+    assert NodeWorker(supernode=supernode.pid).call("ping", {}) == pid  # found, not forked again
+    supernode.kill()
+    supernode.wait()
+    assert wait_gone(pid) and not worker.socket.exists()  # it still watches its node
+    assert worker_host.poll() is None and alive(other_pid)
+
+
+def test_training_on_a_forked_worker_equals_training_in_process(worker_host, supernode, toy_data):
+    test_training_on_the_worker_equals_training_in_process(supernode, toy_data)
+    assert psutil.Process(worker_host.pid).children()  # it was the host's child that trained
+
+
+def test_without_a_reachable_host_the_worker_starts_on_its_own(monkeypatch, supernode):
+    monkeypatch.setenv(HOST_ENV, str(runtime_dir() / "no-such-host.sock"))
+    pid = NodeWorker(supernode=supernode.pid).call("ping", {})
+    assert psutil.Process(pid).ppid() == os.getpid()
+
+
+def test_a_worker_host_ends_with_the_process_it_watches(supernode):
+    host, sock = start_host(supernode.pid)
+    assert os.path.exists(sock)
+    supernode.kill()
+    supernode.wait()
+    host.wait(timeout=30)
+    assert not os.path.exists(sock) and not os.path.exists(sock.replace(".sock", ".key"))
+
+
+def test_a_worker_stopped_with_its_node_leaves_no_files(supernode):
+    worker = NodeWorker(supernode=supernode.pid)
+    pid = worker.call("ping", {})
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid)
+    assert not any(p.exists() for p in (worker.socket, worker.key_path, worker.log))
