@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ from fedpeft.engine.flower_client import (  # noqa: E402, F401
 )
 from fedpeft.engine.flower_store import NodeStore, state_folder  # noqa: E402
 from fedpeft.engine.run import ProgressHook, RunState  # noqa: E402
-from fedpeft.job import Job, build_job  # noqa: E402
+from fedpeft.job import Job, build_job, build_model  # noqa: E402
 from fedpeft.methods.base import (  # noqa: E402
     ClientFit,
     ClientRunner,
@@ -167,11 +167,22 @@ def from_state(state: State) -> ArrayRecord:
 
 # -- client side ----------------------------------------------------------------------------------
 _JOBS: dict[str, Job] = {}  # one job per process: the model and data load once, not per message
+_MODELS: dict[str, tuple] = {}  # a model built ahead of its job (``prebuild_model``), by config
 _STORES: dict[str, NodeStore] = {}  # deployment: the clients' persistent tensors on this node
 
 
 def _key(*parts: object) -> str:
     return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def prebuild_model(config_yaml: str, num_labels: int) -> None:
+    """Build the run's model (backbone, head, method; the same for every client of the run:
+    seeded by the config) ahead of the job that takes it: a node's worker does so once it has
+    described its data, while the server admits the nodes."""
+    key = _key(config_yaml, num_labels)
+    if key not in _MODELS and not _JOBS:
+        _MODELS.clear()
+        _MODELS[key] = build_model(build_config(yaml.safe_load(config_yaml)), num_labels)
 
 
 def client_job(config_yaml: str, node: tuple | None = None) -> tuple[Job, float, float]:
@@ -193,7 +204,8 @@ def client_job(config_yaml: str, node: tuple | None = None) -> tuple[Job, float,
 
         path, cid, num_clients, names = node
         rows = flower_data.read_node_rows(path, list(names))
-        _JOBS[key] = flower_data.node_job(config, rows, cid, num_clients)
+        built = _MODELS.pop(_key(config_yaml, len(names)), None)
+        _JOBS[key] = flower_data.node_job(config, rows, cid, num_clients, built)
     return _JOBS[key], since_start, time.time() - started
 
 
@@ -327,6 +339,7 @@ class Interrupted(Exception):
 
 
 REPLY_POLL_S = 0.2  # how often the ServerApp asks the SuperLink for the replies it awaits
+NODES_POLL_S = 0.2  # how often it asks which nodes are connected, while it waits for them
 
 
 class PromptGrid(Grid):
@@ -385,11 +398,14 @@ def connected_nodes(grid: Grid, minimum: int, wait_s: float | None = None) -> li
     """The connected SuperNodes (sorted), once at least ``minimum`` are there; after ``wait_s``
     seconds (None: no limit) whatever is connected, possibly none."""
     deadline = None if wait_s is None else time.monotonic() + wait_s
+    said = None
     while len(nodes := sorted(grid.get_node_ids())) < minimum:
         if deadline is not None and time.monotonic() > deadline:
             break
-        log.info("waiting for SuperNodes: %d of %d connected", len(nodes), minimum)
-        time.sleep(1.0)
+        if len(nodes) != said:
+            log.info("waiting for SuperNodes: %d of %d connected", len(nodes), minimum)
+            said = len(nodes)
+        time.sleep(NODES_POLL_S)
     return nodes
 
 
@@ -929,9 +945,20 @@ def driver_round(strategy: FedpeftStrategy, grid: Grid) -> None:
 RoundPlayer = Callable[[FedpeftStrategy, Grid], None]
 
 
+@dataclass
+class ServerStart:
+    """A deployed server before its job: the config and label names, which are all it needs to
+    ask the nodes about their data, and ``build``, which makes the job (model, test and
+    validation rows) while they answer."""
+
+    config: RunConfig
+    label_names: list[str]
+    build: Callable[[], Job]
+
+
 def serve(
     grid: Grid,
-    job: Job,
+    job: Job | ServerStart,
     run_dir: RunDir,
     min_nodes: int = 1,
     on_event: ProgressHook | None = None,
@@ -940,7 +967,8 @@ def serve(
 ) -> dict[str, Any]:
     """Run (or resume) the job's remaining rounds over ``grid``; returns the final summary.
     With ``node_data`` each node trains on its own rows: the nodes describe their data first
-    and become the run's clients (``fedpeft.engine.flower_data``). ``play_round`` runs one
+    and become the run's clients (``fedpeft.engine.flower_data``; ``job`` may then be a
+    ``ServerStart``, built while they answer). ``play_round`` runs one
     round (``flower_round``; ``fedpeft.engine.flower_secagg`` runs it under SecAgg+).
     Stopping a run is stopping its process: a round is recorded only once its checkpoint is
     complete."""
@@ -980,13 +1008,24 @@ def describe_nodes(grid: Grid, nodes: list[int], job: Job) -> list[dict]:
     """Ask ``nodes`` to describe their data; the answers of those that can take part (name, rows,
     label counts, node id). A node that cannot is named in a warning and left out."""
     timeout = job.config.flower.round_timeout_s
-    question = ConfigRecord({"labels": json.dumps(job.label_names)})
+    return descriptions(grid, ask_to_describe(grid, nodes, job.label_names, timeout), timeout)
+
+
+def ask_to_describe(grid: Grid, nodes: list[int], labels: list[str], timeout: float) -> list[str]:
+    """Send ``nodes`` the question (the label names); the messages' ids."""
+    question = ConfigRecord({"labels": json.dumps(labels)})
     messages = [
         Message(RecordDict({"config": question}), node, MessageType.QUERY, ttl=timeout)
         for node in nodes
     ]
+    return list(grid.push_messages(messages)) if messages else []
+
+
+def descriptions(grid: Grid, asked: list[str], timeout: float) -> list[dict]:
+    """The answers to ``ask_to_describe`` of the nodes that can take part."""
+    prompt = grid if isinstance(grid, PromptGrid) else PromptGrid(grid)
     described = []
-    for reply in grid.send_and_receive(messages, timeout=timeout) if messages else []:
+    for reply in prompt.receive(asked, timeout=timeout) if asked else []:
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d did not describe its data: %s", node, reply.error.reason)
@@ -1007,14 +1046,22 @@ def describe_nodes(grid: Grid, nodes: list[int], job: Job) -> list[dict]:
     return described
 
 
-def admit_nodes(grid: Grid, job: Job, run_dir: RunDir, min_nodes: int) -> tuple[Job, list[dict]]:
+def admit_nodes(
+    grid: Grid, job: Job | ServerStart, run_dir: RunDir, min_nodes: int
+) -> tuple[Job, list[dict]]:
     """Ask every connected node (once ``min_nodes`` are) to describe its data; those that can
     take part become the clients, in the order of their names (client k is the k-th answer
-    returned). Returns the server's job for them; writes the run's partition.json."""
+    returned). Returns the server's job for them; writes the run's partition.json. Given a
+    ``ServerStart``, the server's job is built while the nodes answer."""
     from fedpeft.engine import flower_data
     from fedpeft.runs import write_json
 
-    described = describe_nodes(grid, connected_nodes(grid, min_nodes), job)
+    nodes = connected_nodes(grid, min_nodes)
+    timeout = job.config.flower.round_timeout_s
+    asked = ask_to_describe(grid, nodes, job.label_names, timeout)
+    if isinstance(job, ServerStart):
+        job = job.build()
+    described = descriptions(grid, asked, timeout)
     if not described:
         raise DataError("no SuperNode has usable data: see each node's log")
     described.sort(key=lambda d: (d["name"], d["node"]))

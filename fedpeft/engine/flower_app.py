@@ -30,12 +30,13 @@ from fedpeft.engine.flower import (
     CONFIG_KEY,
     RUN_DIR_KEY,
     SIMULATION_KEY,
+    ServerStart,
     check_supported,
     flower_round,
     serve,
     show_log,
 )
-from fedpeft.engine.flower_data import server_job
+from fedpeft.engine.flower_data import server_job, server_label_names
 from fedpeft.engine.flower_events import ServerEvents, Stopped
 from fedpeft.job import build_job
 from fedpeft.runs import RunDir
@@ -61,13 +62,13 @@ def main(grid: Grid, context: Context) -> None:
             serve(grid, build_job(config), run_dir, config.num_clients, on_event=events)
         except Stopped as stopped:  # the complete rounds are recorded; nothing else is
             print(f"fedpeft: {stopped}", flush=True)
-    else:
-        job = server_job(config)
+    else:  # the nodes are asked about their data first; the server's job builds meanwhile
+        start = ServerStart(config, server_label_names(config), lambda: server_job(config))
         play_round = flower_round
         if config.flower.secagg.enabled:  # the server sees only the clients' masked sum
             from fedpeft.engine.flower_secagg import secagg_round as play_round
         min_nodes = config.flower.min_nodes
-        serve(grid, job, run_dir, min_nodes, node_data=True, play_round=play_round)
+        serve(grid, start, run_dir, min_nodes, node_data=True, play_round=play_round)
 
 
 from fedpeft.engine.flower_client import client_app  # noqa: E402, F401 - the app's ClientApp

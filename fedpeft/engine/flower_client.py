@@ -193,7 +193,8 @@ def make_client_app() -> ClientApp:
         if use_worker():
             from fedpeft.engine.flower_worker import NodeWorker
 
-            request = {"node_config": node_config, "labels": labels}
+            # with the run's config: the worker builds the model once it has answered
+            request = {"node_config": node_config, "labels": labels, "config": config}
             answer = NodeWorker(flower_executor.node_pid).call("describe", request)
         else:
             import json

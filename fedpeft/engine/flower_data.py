@@ -90,12 +90,18 @@ def read_node_rows(path: str | Path, label_names: list[str]) -> TextDataset:
     return rows
 
 
-def read_server_rows(config: RunConfig) -> tuple[list[str], TextDataset, TextDataset | None]:
-    """The server's label names, test rows and validation rows (no training rows needed)."""
+def server_label_names(config: RunConfig) -> list[str]:
+    """The label names in the server's data folder."""
     folder = _folder(config.dataset)
     if not folder.is_dir():
         raise DataError(f"{folder}: the server's data is a folder with test.jsonl and labels.json")
-    names = read_label_names(folder)
+    return read_label_names(folder)
+
+
+def read_server_rows(config: RunConfig) -> tuple[list[str], TextDataset, TextDataset | None]:
+    """The server's label names, test rows and validation rows (no training rows needed)."""
+    names = server_label_names(config)
+    folder = _folder(config.dataset)
     if not (folder / "test.jsonl").is_file():
         raise DataError(f"{folder / 'test.jsonl'}: missing (the server's test rows)")
     test = subsample(
@@ -109,10 +115,17 @@ def read_server_rows(config: RunConfig) -> tuple[list[str], TextDataset, TextDat
 
 
 # -- jobs -----------------------------------------------------------------------------------------
-def _job(config: RunConfig, label_names: list[str], splits: dict, partition: Partition) -> Job:
-    """A Job from already-read rows (``splits``: name -> TextDataset; "train" may be absent)."""
+def _job(
+    config: RunConfig,
+    label_names: list[str],
+    splits: dict,
+    partition: Partition,
+    built: tuple | None = None,
+) -> Job:
+    """A Job from already-read rows (``splits``: name -> TextDataset; "train" may be absent);
+    ``built``: the (model, tokenizer) of ``build_model`` for this config, if built already."""
     num_labels = len(label_names)
-    model, tokenizer = build_model(config, num_labels)
+    model, tokenizer = built or build_model(config, num_labels)
     data = {name: tokenize(rows, tokenizer, config.max_seq_len) for name, rows in splits.items()}
     spec, settings = registry.get(config.method), config.method_settings()
     num_layers = len(peft.base.encoder_layers(model))
@@ -152,13 +165,16 @@ def _job(config: RunConfig, label_names: list[str], splits: dict, partition: Par
     )
 
 
-def node_job(config: RunConfig, rows: TextDataset, cid: int, num_clients: int) -> Job:
-    """A node's job: all its rows are client ``cid``'s, one of ``num_clients``."""
+def node_job(
+    config: RunConfig, rows: TextDataset, cid: int, num_clients: int, built: tuple | None = None
+) -> Job:
+    """A node's job: all its rows are client ``cid``'s, one of ``num_clients`` (``built``: its
+    model, built ahead)."""
     config = config.model_copy(update={"num_clients": num_clients})
     empty = np.zeros(0, dtype=np.int64)
     train = [np.arange(len(rows)) if k == cid else empty for k in range(num_clients)]
     partition = Partition(train, [empty] * num_clients, "node")
-    job = _job(config, rows.label_names, {"train": rows}, partition)
+    job = _job(config, rows.label_names, {"train": rows}, partition, built)
     plans(job)  # a simulated attacker or local DP: the node applies it to its own upload
     labels = job.train.labels.numpy()
     job.clients = client_contexts(partition, labels, labels[:0], len(rows.label_names))

@@ -449,15 +449,18 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         # The SuperLink (and the ServerApp process it started) first: a ServerApp that outlived
         # its nodes could record a round whose clients were stopped under it. Once the run has
-        # ended there is nothing left to record: every process at once (each takes 1-3 s to go).
+        # ended there is nothing left to record: every process at once, and those that take more
+        # than a second over it (a SuperLink's shutdown takes 2-3 s) are killed.
         rest = [*self.nodes, *self.executors, *([self.host.proc] if self.host else [])]
-        if self.superlink is not None and self.run_ended and exc[0] is None:
+        ended = self.run_ended and exc[0] is None
+        if self.superlink is not None and ended:
             rest.insert(0, self.superlink)
         elif self.superlink is not None:
             stop_process(self.superlink)
         # then every node, executor and the workers' host at once
+        grace = 1.0 if ended else 10.0
         with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(stop_process, rest))
+            list(pool.map(lambda proc: stop_process(proc, grace), rest))
         if self.host is not None:
             self.host.stop()  # its files
         orphans = [p for p in self.seen.values() if _running(p)]

@@ -207,6 +207,17 @@ def handle(kind: str, request: dict[str, Any]) -> Any:
     raise ValueError(f"unknown request {kind!r}")
 
 
+def after(kind: str, request: dict[str, Any], answer: Any) -> None:
+    """Work done once a request is answered, while the node waits for its next message: a
+    node that described usable data builds the run's model for its first round."""
+    import json
+
+    from fedpeft.engine import flower
+
+    if kind == "describe" and "config" in request and "error" not in answer:
+        flower.prebuild_model(request["config"], len(json.loads(request["labels"])))
+
+
 def serve(socket: Path, key: bytes, watch: int, idle_s: float = IDLE_S) -> None:
     """Answer requests on ``socket`` until the process ``watch`` (the SuperNode) is gone or no
     request came for ``idle_s`` seconds."""
@@ -246,6 +257,11 @@ def serve(socket: Path, key: bytes, watch: int, idle_s: float = IDLE_S) -> None:
                     print(f"fedpeft worker: {kind} failed: {err!r}", flush=True)
                     answer = ("error", f"{type(err).__name__}: {err}")
                 conn.send(answer)
+                if answer[0] == "ok":
+                    try:
+                        after(kind, request, answer[1])
+                    except Exception as err:  # noqa: BLE001 - the next request builds it again
+                        print(f"fedpeft worker: after {kind}: {err!r}", flush=True)
                 last[0] = time.monotonic()
             except (OSError, EOFError) as err:
                 print(f"fedpeft worker: a connection broke: {err}", flush=True)

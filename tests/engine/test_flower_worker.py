@@ -171,3 +171,31 @@ def test_a_worker_stopped_with_its_node_leaves_no_files(supernode):
     os.kill(pid, signal.SIGTERM)
     assert wait_gone(pid)
     assert not any(p.exists() for p in (worker.socket, worker.key_path, worker.log))
+
+
+def test_a_model_built_ahead_is_the_one_the_nodes_job_trains(tmp_path, toy_data):
+    """A worker builds the run's model once it has described its node's data; the node's job
+    then takes that model, and the upload is the same as with a model built with the job."""
+    import json
+
+    from fedpeft.engine.flower_data import split_for_nodes
+
+    config = build_config(tiny_config(toy_data, engine="flower", num_clients=2))
+    _server, nodes = split_for_nodes(config, tmp_path / "data")
+    config_yaml = dump_config(config)
+    names = json.loads((nodes[1] / "labels.json").read_text())
+    settings = {"round": 1, "cid": 1, "labels": json.dumps(names), "num-clients": 2}
+    start = trainable_state(flower.client_job(config_yaml)[0].model)
+    arrays = {k: v.numpy().copy() for k, v in start.items()}
+    flower._JOBS.clear()
+    flower._STORES.clear()
+    expected, _, _ = flower.train_arrays(config_yaml, settings, arrays, str(nodes[1]))
+    flower._JOBS.clear()
+    flower._STORES.clear()
+    flower.prebuild_model(config_yaml, len(names))
+    ((model, _tokenizer),) = flower._MODELS.values()
+    sent, _, _ = flower.train_arrays(config_yaml, settings, arrays, str(nodes[1]))
+    assert flower._MODELS == {} and next(iter(flower._JOBS.values())).model is model
+    assert sent.keys() == expected.keys()
+    for name in expected:
+        assert np.array_equal(sent[name], expected[name]), name
