@@ -167,7 +167,7 @@ class NodeWorker:
             "key": str(self.key_path),
             "watch": self.supernode,
             "log": str(self.log),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "FEDPEFT_"))},
+            "env": dict(os.environ),  # the node's (the host's should match: imports read some)
         }
         try:
             key = bytes.fromhex(Path(host).with_suffix(".key").read_text())
