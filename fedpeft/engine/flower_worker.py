@@ -239,7 +239,11 @@ def serve(socket: Path, key: bytes, watch: int, idle_s: float = IDLE_S) -> None:
 
     signal.signal(signal.SIGTERM, end)  # stopped with its node's processes: no files left
     threading.Thread(target=watchdog, daemon=True).start()
+    from transformers.utils import logging as hf_logging
+
     from fedpeft.engine import flower  # noqa: F401 - the imports, once, before any request
+
+    hf_logging.disable_progress_bar()  # its log keeps what needs saying, not loading bars
 
     while True:
         try:

@@ -76,9 +76,11 @@ def test_two_supernodes_two_rounds(tmp_path, toy_data):
         pids = [p.pid for proc in [federation.superlink, *started] for p in family(proc)]
         node_logs = [federation.logs[node.pid].read_text() for node in federation.nodes]
         workers = psutil.Process(host.proc.pid).children()
-        sockets = [NodeWorker(node.pid).socket for node in federation.nodes]
+        handles = [NodeWorker(node.pid) for node in federation.nodes]
+        sockets = [path for h in handles for path in (h.socket, h.key_path, h.log)]
     assert_all_stopped(pids)
-    # each node's worker was forked from the one worker host, and none left a file behind
+    # each node's worker was forked from the one worker host, and none left a file behind (its
+    # log neither: it had nothing to say)
     assert len(workers) == 2 and all(w.pid in pids for w in workers)
     assert sockets and not any(path.exists() for path in [host.socket, *sockets])
     # each node's messages (its description, then its training rounds) ran in one long-lived
