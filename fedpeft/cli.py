@@ -537,11 +537,7 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
 
     # The nodes' workers are forked from one process that imports the engine once; started
     # first, it imports on the other core while this one reads the config and the data.
-    host = None
-    if use_worker_host() and args.nodes != 0:
-        host = WorkerHost(
-            {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1"}
-        )
+    host = WorkerHost() if use_worker_host() and args.nodes != 0 else None
     try:
         return _flower_local(args, host)
     finally:

@@ -549,7 +549,7 @@ class LocalFederation:
     def node_env(self) -> dict[str, str]:
         """A node's environment: its share of this host's cores for torch (the nodes of a
         loopback federation train at the same time; each taking every core would oversubscribe
-        them), unless ``OMP_NUM_THREADS`` is set to a number already."""
+        them), unless ``OMP_NUM_THREADS`` is set (not empty) already; and the worker host."""
         env = dict(self.env)
         if self.host is not None:
             env[HOST_ENV] = str(self.host.socket)

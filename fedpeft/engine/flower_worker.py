@@ -73,6 +73,23 @@ def runtime_dir() -> Path:
     return folder
 
 
+def write_key(path: Path) -> Path:
+    """A fresh random key (hex) in a new file only this user can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    return path
+
+
+def remove_files(socket: Path) -> None:
+    """A worker's (or the host's) socket, key and lock, and its log if it said nothing."""
+    for path in (socket, *(socket.with_suffix(s) for s in (".key", ".lock"))):
+        path.unlink(missing_ok=True)
+    log = socket.with_suffix(".log")
+    if log.is_file() and log.stat().st_size == 0:
+        log.unlink(missing_ok=True)  # nothing said: nothing to keep
+
+
 class NodeWorker:
     """The ClientApp's handle on its node's worker: one per SuperNode process, serving every
     run on the node (it keeps one run's job at a time: a node that alternates between runs
@@ -124,9 +141,7 @@ class NodeWorker:
     def _start(self):
         self.socket.unlink(missing_ok=True)
         self.key_path.unlink(missing_ok=True)
-        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
+        write_key(self.key_path)
         pid = self._fork_from_host()
         if pid is None:  # no worker host: a process of its own
             argv = [sys.executable, "-m", "fedpeft.engine.flower_worker"]
@@ -225,11 +240,7 @@ def serve(socket: Path, key: bytes, watch: int, idle_s: float = IDLE_S) -> None:
     last = [time.monotonic()]
 
     def end(*_signal: object) -> None:
-        for path in (socket, *(socket.with_suffix(s) for s in (".key", ".lock"))):
-            path.unlink(missing_ok=True)
-        log = socket.with_suffix(".log")
-        if log.is_file() and log.stat().st_size == 0:
-            log.unlink(missing_ok=True)  # nothing said: nothing to keep
+        remove_files(socket)
         os._exit(0)  # the listener's accept() does not wake for a closed socket
 
     def watchdog() -> None:
@@ -305,10 +316,7 @@ class WorkerHost:
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.socket = runtime_dir() / f"host-{secrets.token_hex(8)}.sock"
-        key = self.socket.with_suffix(".key")
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
+        key = write_key(self.socket.with_suffix(".key"))
         argv = [sys.executable, "-m", "fedpeft.engine.flower_worker", "--host"]
         argv += ["--socket", str(self.socket), "--key", str(key), "--watch", str(os.getpid())]
         with open(self.socket.with_suffix(".log"), "ab") as log:
@@ -339,11 +347,7 @@ class WorkerHost:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for suffix in (".sock", ".key"):
-            self.socket.with_suffix(suffix).unlink(missing_ok=True)
-        log = self.socket.with_suffix(".log")
-        if log.is_file() and log.stat().st_size == 0:
-            log.unlink(missing_ok=True)
+        remove_files(self.socket)
 
 
 def serve_host(socket: Path, key: bytes, watch: int) -> None:
@@ -353,8 +357,7 @@ def serve_host(socket: Path, key: bytes, watch: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers that end
 
     def end(*_signal: object) -> None:
-        for path in (socket, socket.with_suffix(".key")):
-            path.unlink(missing_ok=True)
+        remove_files(socket)
         os._exit(0)
 
     def watchdog() -> None:
